@@ -1,0 +1,407 @@
+"""Guarded HTTP fetching for the crawler.
+
+What a crawler running inside a cloud cluster needs, in one client:
+
+* connection pooling (one ``urllib3.PoolManager`` per client, thread-safe);
+* connect/read timeouts plus a total deadline per fetch, and a cap on body size (checked against
+  ``Content-Length`` first, then while streaming);
+* retries with exponential backoff and jitter for transient failures, honouring ``Retry-After`` on
+  429/503 (seconds or an HTTP date) up to a ceiling;
+* per-host concurrency (a semaphore) and a per-host request rate (a token bucket);
+* redirects followed by hand, so every hop goes through the same address guard, with loop detection;
+* an address guard that refuses private, loopback, link-local and other non-global addresses unless
+  explicitly allowed. The check runs *inside* the connection's connect step, on the very addresses the
+  socket connects to, so DNS rebinding between a check and the connect cannot slip through.
+
+Failures surface as :class:`FetchError` with a short machine ``reason``, whether it is ``transient``
+(worth retrying in a later run), and a human message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import ipaddress
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+logger = logging.getLogger(__name__)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Knobs of :class:`GuardedHttpClient`; the crawl stage builds this from its validated config."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    total_timeout_s: float = 120.0
+    max_retries: int = 3
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_retry_after_s: float = 60.0
+    max_bytes: int = 64 * 1024 * 1024
+    max_redirects: int = 5
+    per_host_concurrency: int = 8
+    per_host_rate: float | None = None
+    allow_private_addresses: bool = False
+    user_agent: str = "ps3-engine/0.1 (+research crawler; honours X-Robots-Tag noai)"
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    url: str
+    final_url: str
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    attempts: int
+    elapsed_s: float
+
+
+@dataclass
+class FetchError(Exception):
+    """A fetch that ended without a usable body."""
+
+    reason: str
+    message: str
+    transient: bool
+    attempts: int = 1
+    status: int | None = None
+    category: str = "failed"
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+class BlockedAddressError(OSError):
+    """The host resolved only to addresses the guard refuses."""
+
+
+def is_public_address(address: str) -> bool:
+    """True for globally routable unicast addresses (IPv4-mapped IPv6 is unwrapped first)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _guarded_new_conn(self: HTTPConnection) -> socket.socket:
+    """Resolve, refuse non-public addresses unless allowed, then connect to an accepted address."""
+    host = self._dns_host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, self.port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NameResolutionError(self.host, self, exc) from exc
+    allowed = [info for info in infos if self.allow_private_addresses or is_public_address(info[4][0])]
+    if not allowed:
+        addresses = sorted({info[4][0] for info in infos})
+        raise BlockedAddressError(f"{self.host} resolves only to non-public addresses {addresses}")
+    last_error: OSError | None = None
+    for family, socktype, proto, _, sockaddr in allowed:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            for option in self.socket_options or ():
+                sock.setsockopt(*option)
+            if isinstance(self.timeout, int | float):
+                sock.settimeout(self.timeout)
+            sock.connect(sockaddr)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
+
+
+def _pool_classes(allow_private: bool) -> dict[str, type[HTTPConnectionPool]]:
+    conn_attrs = {"_new_conn": _guarded_new_conn, "allow_private_addresses": allow_private}
+    http_conn = type("GuardedHTTPConnection", (HTTPConnection,), conn_attrs)
+    https_conn = type("GuardedHTTPSConnection", (HTTPSConnection,), conn_attrs)
+    return {
+        "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+        "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+    }
+
+
+class TokenBucket:
+    """A per-host request rate limit: ``rate`` tokens per second, bursts up to ``capacity``."""
+
+    def __init__(self, rate: float, capacity: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = capacity or max(1.0, rate)
+        self._tokens = self.capacity
+        self._updated = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
+                self._updated = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                wait_s = (1.0 - self._tokens) / self.rate
+            time.sleep(wait_s)
+
+
+@dataclass
+class _HostLimits:
+    semaphore: threading.BoundedSemaphore
+    bucket: TokenBucket | None = None
+    retry_after_until: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """Unwrap urllib3's wrapping (``reason`` / ``args[1]`` / ``__cause__``) to the original error."""
+    seen: set[int] = set()
+    current: BaseException = exc
+    while id(current) not in seen:
+        seen.add(id(current))
+        inner = getattr(current, "reason", None)
+        if isinstance(inner, BaseException):
+            current = inner
+            continue
+        nested = [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
+        if nested:
+            current = nested[-1]
+            continue
+        if current.__cause__ is not None:
+            current = current.__cause__
+            continue
+        break
+    return current
+
+
+def classify_exception(exc: BaseException) -> tuple[str, bool]:
+    """Map a transport exception to ``(reason, transient)``."""
+    root = _root_cause(exc)
+    if isinstance(root, BlockedAddressError):
+        return "blocked_address", False
+    if isinstance(root, http.client.LineTooLong | http.client.HTTPException) and (
+        "header" in str(root).lower() or isinstance(root, http.client.LineTooLong)
+    ):
+        return "bad_headers", False
+    if isinstance(exc, LocationParseError | ValueError):
+        return "invalid_url", False
+    if isinstance(exc, SSLError) or root.__class__.__name__.startswith("SSL"):
+        return "tls_error", False
+    if isinstance(exc, NameResolutionError) or isinstance(root, socket.gaierror):
+        return "dns_failure", True
+    if isinstance(exc, NewConnectionError) and not isinstance(root, TimeoutError):
+        return "connection_error", True  # urllib3 subclasses it from ConnectTimeoutError
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError) or isinstance(root, TimeoutError):
+        return "timeout", True
+    if isinstance(root, http.client.IncompleteRead) or "IncompleteRead" in repr(root):
+        return "incomplete_body", True
+    if isinstance(exc, NewConnectionError | ProtocolError | HTTPError | OSError):
+        return "connection_error", True
+    return "fetch_error", False
+
+
+class GuardedHttpClient:
+    """Thread-safe HTTP GET with guards, limits and retries. One instance per worker process."""
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self._pool = urllib3.PoolManager(
+            num_pools=256,
+            maxsize=settings.per_host_concurrency,
+            headers={"User-Agent": settings.user_agent, "Accept": "image/*,*/*;q=0.5"},
+        )
+        self._pool.pool_classes_by_scheme = _pool_classes(settings.allow_private_addresses)
+        self._hosts: dict[str, _HostLimits] = {}
+        self._hosts_lock = threading.Lock()
+        self._random = random.Random()
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    def _limits(self, host: str) -> _HostLimits:
+        with self._hosts_lock:
+            limits = self._hosts.get(host)
+            if limits is None:
+                rate = self.settings.per_host_rate
+                limits = _HostLimits(
+                    semaphore=threading.BoundedSemaphore(self.settings.per_host_concurrency),
+                    bucket=TokenBucket(rate) if rate else None,
+                )
+                self._hosts[host] = limits
+            return limits
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * (2 ** (attempt - 1)))
+        return ceiling * (0.5 + 0.5 * self._random.random())
+
+    def fetch(
+        self,
+        url: str,
+        header_filter: Callable[[Mapping[str, str]], FetchError | None] | None = None,
+    ) -> FetchResult:
+        """GET ``url`` following redirects. ``header_filter`` may veto a response before its body."""
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self._fetch_once(url, started, attempts, header_filter)
+            except FetchError as error:
+                error.attempts = attempts
+                delay = getattr(error, "retry_after_s", None)
+                if not error.transient or attempts > self.settings.max_retries:
+                    raise
+                if delay is None:
+                    delay = self._backoff_s(attempts)
+                elif delay > self.settings.max_retry_after_s:
+                    error.message += f" (Retry-After {delay:.0f}s exceeds the {self.settings.max_retry_after_s:.0f}s cap)"
+                    raise
+                if time.monotonic() - started + delay > self.settings.total_timeout_s:
+                    raise
+                logger.debug("retrying %s in %.2fs after %s", url, delay, error.reason)
+                time.sleep(delay)
+
+    def _fetch_once(
+        self,
+        url: str,
+        started: float,
+        attempt: int,
+        header_filter: Callable[[Mapping[str, str]], FetchError | None] | None,
+    ) -> FetchResult:
+        visited: list[str] = []
+        current = url
+        while True:
+            scheme = urlsplit(current).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise FetchError("invalid_url", f"unsupported URL scheme in {current!r}", transient=False)
+            if current in visited:
+                raise FetchError("redirect_loop", f"redirect loop: {' -> '.join([*visited, current])}", False)
+            if len(visited) > self.settings.max_redirects:
+                raise FetchError("too_many_redirects", f"more than {self.settings.max_redirects} redirects", False)
+            visited.append(current)
+            response = self._request(current)
+            try:
+                if response.status in REDIRECT_STATUSES and response.headers.get("Location"):
+                    current = urljoin(current, response.headers["Location"])
+                    continue
+                return self._finish(url, current, response, started, attempt, header_filter)
+            finally:
+                response.release_conn()
+
+    def _request(self, url: str) -> urllib3.BaseHTTPResponse:
+        host = urlsplit(url).hostname or ""
+        limits = self._limits(host)
+        wait_s = limits.retry_after_until - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
+        if limits.bucket is not None:
+            limits.bucket.acquire()
+        timeout = urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s)
+        with limits.semaphore:
+            try:
+                return self._pool.urlopen(
+                    "GET", url, redirect=False, retries=False, preload_content=False, timeout=timeout
+                )
+            except (HTTPError, OSError, ValueError, http.client.HTTPException) as exc:
+                reason, transient = classify_exception(exc)
+                raise FetchError(reason, f"{type(_root_cause(exc)).__name__}: {_root_cause(exc)}", transient) from exc
+
+    def _finish(
+        self,
+        url: str,
+        final_url: str,
+        response: urllib3.BaseHTTPResponse,
+        started: float,
+        attempt: int,
+        header_filter: Callable[[Mapping[str, str]], FetchError | None] | None,
+    ) -> FetchResult:
+        status = response.status
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        if status >= 400 or status < 200:
+            error = FetchError(
+                f"http_{status}", f"HTTP {status} from {final_url}", status in TRANSIENT_STATUSES, status=status
+            )
+            if status in RETRY_AFTER_STATUSES:
+                retry_after = parse_retry_after(headers.get("retry-after"))
+                error.retry_after_s = retry_after  # type: ignore[attr-defined]
+                if retry_after:
+                    limits = self._limits(urlsplit(final_url).hostname or "")
+                    limits.retry_after_until = max(limits.retry_after_until, time.monotonic() + min(
+                        retry_after, self.settings.max_retry_after_s))
+            raise error
+        if header_filter is not None:
+            vetoed = header_filter(headers)
+            if vetoed is not None:
+                vetoed.status = status
+                raise vetoed
+        body = self._read_body(response, headers, final_url, started)
+        return FetchResult(url, final_url, status, headers, body, attempt, time.monotonic() - started)
+
+    def _read_body(
+        self, response: urllib3.BaseHTTPResponse, headers: Mapping[str, str], url: str, started: float
+    ) -> bytes:
+        cap = self.settings.max_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise FetchError("too_large", f"Content-Length {declared} exceeds the {cap}-byte cap", False)
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            for chunk in response.stream(256 * 1024):
+                received += len(chunk)
+                if received > cap:
+                    raise FetchError("too_large", f"body exceeds the {cap}-byte cap", False)
+                if time.monotonic() - started > self.settings.total_timeout_s:
+                    raise FetchError("timeout", f"total deadline {self.settings.total_timeout_s}s exceeded", True)
+                chunks.append(chunk)
+        except FetchError:
+            response.close()
+            raise
+        except (HTTPError, OSError, http.client.HTTPException) as exc:
+            reason, transient = classify_exception(exc)
+            raise FetchError(reason, f"reading body of {url}: {_root_cause(exc)}", transient) from exc
+        return b"".join(chunks)

@@ -1,0 +1,169 @@
+"""``ps3-engine``: the stage-level command line of the PS3 data engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig, load_run_config
+from pipeline.runner import STAGE_ORDER, StageRunResult, run_crawl, run_pipeline
+from pipeline.status import run_status
+
+logger = logging.getLogger("ps3-engine")
+
+NOT_YET = {
+    "segment": "issue #3 (SAM2 and classical region proposals)",
+    "caption": "issue #4 (MLLM captioning)",
+    "build-corpus": "issue #4 (corpus shards)",
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="run config YAML (see configs/)")
+    parser.add_argument("--run-root", help="local folder or s3://bucket/prefix (overrides the config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set crawl.min_short_side=2048 (repeatable)")
+    parser.add_argument("--executor", choices=["ray", "local"],
+                        help="ray: Ray Data on a local or remote cluster; local: in-process, for debugging")
+    parser.add_argument("--ray-address", help="address of a running Ray cluster (default: RAY_ADDRESS or local)")
+
+
+def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.executor:
+        overrides.append(f"executor.kind={args.executor}")
+    if args.ray_address:
+        overrides.append(f"executor.ray_address={args.ray_address}")
+    return load_run_config(args.config, overrides, run_root=args.run_root, **extra)
+
+
+def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
+    for result in results:
+        print(f"[{result.stage}] shards: {result.computed_shards} computed, {result.skipped_shards} already done, "
+              f"{len(result.failed_shards)} failed (of {result.planned_shards})")
+        print(f"[{result.stage}] rows: {result.kept_rows} kept, {result.output_rows} written; "
+              f"{sum(result.filtered_by_reason.values())} filtered {result.filtered_by_reason}; "
+              f"{sum(result.errors_by_reason.values())} failed {result.errors_by_reason}")
+        print(f"[{result.stage}] wall {result.wall_s:.1f}s, {result.throughput_rows_per_s:.1f} items/s")
+    print(f"run root: {config.run_root} (summary.json, run.json)")
+    return 1 if any(r.failed_shards for r in results) else 0
+
+
+def cmd_crawl(args: argparse.Namespace) -> int:
+    if args.retry_failed:
+        config = load_run_config(None, list(args.overrides), **_snapshot_config(args.retry_failed))
+        return _print_results(config, [run_crawl(config, retry_failed=True)])
+    config = _load(args, sources=args.input or None)
+    return _print_results(config, [run_crawl(config)])
+
+
+def _snapshot_config(run_root: str) -> dict:
+    from infra.storage import Storage
+
+    storage = Storage(run_root)
+    if not storage.exists("run.json"):
+        raise ConfigError(f"{run_root} has no run.json: is it a run root?")
+    return {**storage.read_json("run.json")["config"], "run_root": run_root}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args, sources=args.input or None)
+    return _print_results(config, run_pipeline(config))
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    print(f"ps3-engine {args.command}: not implemented yet, tracked in {NOT_YET[args.command]}", file=sys.stderr)
+    return 2
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = run_status(args.run)
+    if args.json:
+        print(json.dumps({k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in status["stages"].items()},
+                         indent=2))
+        return 0
+    print(f"run root: {args.run}")
+    for stage in STAGE_ORDER:
+        entry = status["stages"].get(stage)
+        if entry is None:
+            print(f"  {stage:13s} no shards")
+            continue
+        print(f"  {stage:13s} shards {entry.done} done, {entry.stale} stale, {entry.missing} missing, "
+              f"{entry.failed} failed (of {entry.planned}); rows {entry.rows}; errors {entry.error_rows} "
+              f"{entry.errors_by_reason}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    config, results = run_demo(Path(args.out), args.images, args.executor or "ray", args.overrides)
+    return _print_results(config, results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ps3-engine",
+        description="PS3 data engine: crawl high-res images, segment salient regions, caption them, "
+        "and build the region-caption corpus, as Ray Data stages over a local or S3 run root.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crawl = sub.add_parser("crawl", help="download and validate images into image shards",
+                           description="Crawl URL lists (.txt/.csv/.parquet with a url column and optional "
+                           "metadata), local folders and S3 prefixes into validated, deduplicated image shards. "
+                           "Rerunning skips shards that are complete and fresh.")
+    _add_run_options(crawl)
+    crawl.add_argument("--input", action="append", help="a source: URL list, folder or s3:// prefix (repeatable)")
+    crawl.add_argument("--retry-failed", metavar="RUN",
+                       help="retry only the items of RUN whose recorded failure is transient")
+    crawl.set_defaults(func=cmd_crawl)
+
+    for name, text in (("segment", "propose salient regions (SAM2 or classical) for crawled images"),
+                       ("caption", "caption every region crop (and each image) with a multimodal LLM"),
+                       ("build-corpus", "write training-ready corpus shards (image + boxes + captions)")):
+        stage = sub.add_parser(name, help=f"{text} [not implemented yet]", description=text)
+        _add_run_options(stage)
+        stage.set_defaults(func=cmd_not_yet)
+
+    run = sub.add_parser("run", help="run all stages in order (crawl -> segment -> caption -> build-corpus)",
+                         description="Run every stage in order over one run root; complete and fresh shards "
+                         "are skipped, so rerunning after a crash only computes what is missing or stale.")
+    _add_run_options(run)
+    run.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="per-stage shards done/stale/missing/failed, rows and errors",
+                            description="Show what a run root holds, read from its manifests.")
+    status.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="the embedded default job: generated images, loopback HTTP, local Ray",
+                          description="Generate sample high-res images plus bad inputs, serve them on loopback "
+                          "and run the pipeline on them with a local Ray.")
+    demo.add_argument("--out", default="demo-output", help="folder for the site, URL list and run root")
+    demo.add_argument("--images", type=int, default=24, help="number of generated images")
+    demo.add_argument("--executor", choices=["ray", "local"])
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ps3-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Executors: stream shard tasks through stage workers, in-process or on Ray Data.
+
+The unit of work is a shard: a worker reads the shard's input, runs the stage over it in batches and
+commits output, errors and manifest before reporting. Ray Data streams the task list through a pool
+of workers (an actor pool for model stages so weights load once per actor; tasks otherwise), with
+concurrency bounded by the declared resources, so memory stays bounded at about one shard per worker
+and the task queue applies backpressure. The in-process executor runs the very same worker code in
+the driver, which is what you want under a debugger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from infra.storage import Storage
+from pipeline.layout import RunLayout, ShardTask
+from pipeline.shard_runner import ShardReport, StageSpec, run_shard
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["ray", "local"] = "ray"
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
+    max_workers: int | None = Field(None, ge=1, description="cap on parallel shard workers per stage")
+    progress: bool = True
+
+
+def _task_from_row(row: dict[str, Any]) -> ShardTask:
+    return ShardTask(row["stage"], row["shard_id"], row["input_key"], row["input_checksum"],
+                     tuple(row["input_shards"]), row["mode"])
+
+
+class ShardWorker:
+    """Builds the stage once (``setup`` included) and runs shard tasks; used by both executors."""
+
+    def __init__(self, spec: StageSpec, storage: Storage, fingerprint: str) -> None:
+        self.stage = spec.build()
+        self.stage.setup()
+        self.layout = RunLayout(storage)
+        self.fingerprint = fingerprint
+
+    def run(self, task: ShardTask) -> ShardReport:
+        return run_shard(self.stage, self.layout, task, self.fingerprint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        reports = [json.dumps(self.run(_task_from_row(row)).to_dict()) for row in rows]
+        return {"report": np.array(reports, dtype=object)}
+
+    def close(self) -> None:
+        self.stage.teardown()
+
+
+def _progress(reports: Iterator[ShardReport], total: int, stage: str, enabled: bool) -> Iterator[ShardReport]:
+    with tqdm(total=total, desc=f"{stage} shards", unit="shard", disable=not enabled, leave=True) as bar:
+        for report in reports:
+            bar.update(1)
+            bar.set_postfix(rows=report.output_rows, errors=report.error_rows, status=report.status)
+            yield report
+
+
+class InProcessExecutor:
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+
+    def run(self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
+        if not tasks:
+            return
+        worker = ShardWorker(spec, storage, fingerprint)
+        try:
+            yield from _progress((worker.run(t) for t in tasks), len(tasks), spec.stage_cls.name, self.config.progress)
+        finally:
+            worker.close()
+
+
+def ensure_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # A throwaway local cluster: Ray 2.60 would otherwise switch on token auth for it.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+
+
+class RayDataExecutor:
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+
+    def _num_workers(self, spec: StageSpec, num_tasks: int) -> int:
+        import ray
+
+        resources = spec.build().resources
+        cluster = ray.cluster_resources()
+        if resources.num_gpus:
+            fit = int(cluster.get("GPU", 0) // resources.num_gpus)
+        else:
+            fit = int(cluster.get("CPU", 1) // max(resources.num_cpus, 0.001))
+        caps = [c for c in (resources.max_workers, self.config.max_workers) if c]
+        return max(1, min([fit, num_tasks, *caps]))
+
+    def run(self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
+        if not tasks:
+            return
+        import ray
+        import ray.data
+
+        ensure_ray(self.config.ray_address)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        resources = spec.build().resources
+        num_workers = self._num_workers(spec, len(tasks))
+        rows = [{**asdict(t), "input_shards": list(t.input_shards)} for t in tasks]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        if resources.memory_bytes:
+            remote_args["memory"] = resources.memory_bytes
+        if resources.uses_model:
+            compute = ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers)
+            mapped = dataset.map_batches(
+                ShardWorker, fn_constructor_args=(spec, storage, fingerprint), batch_size=1,
+                batch_format="numpy", compute=compute, **remote_args,
+            )
+        else:
+            mapped = dataset.map_batches(
+                _run_tasks_once, fn_args=(spec, storage, fingerprint), batch_size=1, batch_format="numpy",
+                compute=ray.data.TaskPoolStrategy(size=num_workers), **remote_args,
+            )
+        logger.info("%s: %d shards on %d Ray workers", spec.stage_cls.name, len(tasks), num_workers)
+        reports = (ShardReport(**json.loads(row["report"])) for row in mapped.iter_rows())
+        yield from _progress(reports, len(tasks), spec.stage_cls.name, self.config.progress)
+
+
+def _run_tasks_once(batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage, fingerprint: str) -> dict[str, np.ndarray]:
+    """Task-pool variant for I/O stages: a fresh worker per shard (cheap setup, nothing to keep)."""
+    worker = ShardWorker(spec, storage, fingerprint)
+    try:
+        return worker(batch)
+    finally:
+        worker.close()
+
+
+def make_executor(config: ExecutorConfig) -> InProcessExecutor | RayDataExecutor:
+    return RayDataExecutor(config) if config.kind == "ray" else InProcessExecutor(config)

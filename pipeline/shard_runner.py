@@ -1,0 +1,118 @@
+"""Run one shard of one stage: read input, stream it through the stage in batches, commit."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from pipeline.layout import RunLayout, ShardTask
+from schemas import ERROR_SCHEMA, conform_table
+from stages.base import ShardContext, Stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a worker needs to build its own stage instance (picklable)."""
+
+    stage_cls: type[Stage]
+    config: BaseModel
+
+    def build(self) -> Stage:
+        return self.stage_cls(self.config)
+
+
+@dataclass
+class ShardReport:
+    stage: str
+    shard_id: str
+    status: str  # "computed" | "failed"
+    input_rows: int = 0
+    output_rows: int = 0
+    error_rows: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    busy_s: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def process_table(stage: Stage, table: pa.Table, context: ShardContext) -> tuple[pa.Table, pa.Table, float]:
+    """Feed ``table`` through ``stage`` in batches; returns (output, errors, seconds inside the stage)."""
+    batch_size = stage.resources.batch_size
+    outputs, errors, busy_s = [], [], 0.0
+    for start in range(0, table.num_rows, batch_size):
+        batch = table.slice(start, batch_size)
+        began = time.perf_counter()
+        result = stage.process_batch(batch, context)
+        busy_s += time.perf_counter() - began
+        outputs.append(conform_table(result.output, stage.output_schema))
+        errors.append(conform_table(result.errors, ERROR_SCHEMA))
+    output = pa.concat_tables(outputs) if outputs else stage.output_schema.empty_table()
+    error_table = pa.concat_tables(errors) if errors else ERROR_SCHEMA.empty_table()
+    return output, error_table, busy_s
+
+
+def run_shard(stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str, attempt: int = 1) -> ShardReport:
+    """Compute and commit one shard. A bug or infrastructure failure yields a ``failed`` report."""
+    began = time.perf_counter()
+    try:
+        table = conform_table(layout.storage.read_parquet(task.input_key), stage.input_schema)
+        if task.mode == "retry_transient":
+            return _retry_transient(stage, layout, task, fingerprint, table, began)
+        context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
+        output, errors, busy_s = process_table(stage, table, context)
+        wall_s = time.perf_counter() - began
+        layout.commit_shard(task, fingerprint=fingerprint, output=output, errors=errors, attempt=attempt,
+                            wall_seconds=wall_s)
+    except Exception as exc:  # noqa: BLE001 - a failed shard must not take the run down
+        logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, exc)
+        return ShardReport(task.stage, task.shard_id, "failed", wall_s=time.perf_counter() - began,
+                           message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+    return ShardReport(
+        stage=task.stage,
+        shard_id=task.shard_id,
+        status="computed",
+        input_rows=table.num_rows,
+        output_rows=output.num_rows,
+        error_rows=errors.num_rows,
+        errors_by_reason=dict(Counter(errors.column("reason").to_pylist())),
+        wall_s=wall_s,
+        busy_s=busy_s,
+    )
+
+
+def _retry_transient(
+    stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str, table: pa.Table, began: float
+) -> ShardReport:
+    """Re-run the shard's transiently failed items and merge them into the committed shard."""
+    entry = layout.read_manifest(task.stage, task.shard_id)
+    if entry is None:
+        raise RuntimeError(f"shard {task.shard_id} has no committed manifest to retry")
+    old_output = layout.read_output(task.stage, task.shard_id)
+    old_errors = layout.read_shard_errors(task.stage, task.shard_id)
+    retry_ids = {r["item_id"] for r in old_errors.to_pylist() if r["transient"]}
+    is_retried = pa.array([item in retry_ids for item in old_errors.column("item_id").to_pylist()])
+    to_retry = table.filter(pa.array([item in retry_ids for item in table.column("item_id").to_pylist()]))
+    context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=entry.attempt + 1)
+    new_output, new_errors, busy_s = process_table(stage, to_retry, context)
+    output = pa.concat_tables([old_output, new_output])
+    errors = pa.concat_tables([old_errors.filter(pc.invert(is_retried)), new_errors])
+    wall_s = time.perf_counter() - began
+    layout.commit_shard(task, fingerprint=fingerprint, output=output, errors=errors, attempt=entry.attempt + 1,
+                        wall_seconds=wall_s)
+    return ShardReport(
+        stage=task.stage, shard_id=task.shard_id, status="computed", input_rows=to_retry.num_rows,
+        output_rows=new_output.num_rows, error_rows=new_errors.num_rows,
+        errors_by_reason=dict(Counter(new_errors.column("reason").to_pylist())), wall_s=wall_s, busy_s=busy_s,
+    )

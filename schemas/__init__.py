@@ -1,0 +1,71 @@
+"""Record kinds of the data engine: one pydantic model, one explicit Arrow schema and a version each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from schemas import caption, corpus, error, image, item, manifest, region
+from schemas.caption import CAPTION_SCHEMA, CaptionRecord
+from schemas.convert import (
+    check_model_matches_schema,
+    conform_table,
+    records_to_table,
+    rows_to_table,
+    table_to_records,
+)
+from schemas.corpus import CORPUS_SCHEMA, CorpusRegion, CorpusRow
+from schemas.error import ERROR_SCHEMA, ErrorRecord
+from schemas.image import IMAGE_SCHEMA, ImageRecord
+from schemas.item import CRAWL_ITEM_SCHEMA, CrawlItem
+from schemas.manifest import MANIFEST_SCHEMA, ManifestEntry
+from schemas.region import REGION_SCHEMA, RegionRecord
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    name: str
+    model: type[BaseModel]
+    schema: pa.Schema
+    version: int
+
+
+RECORD_KINDS: dict[str, RecordKind] = {
+    kind.name: kind
+    for kind in (
+        RecordKind("crawl_item", CrawlItem, CRAWL_ITEM_SCHEMA, item.SCHEMA_VERSION),
+        RecordKind("image", ImageRecord, IMAGE_SCHEMA, image.SCHEMA_VERSION),
+        RecordKind("region", RegionRecord, REGION_SCHEMA, region.SCHEMA_VERSION),
+        RecordKind("caption", CaptionRecord, CAPTION_SCHEMA, caption.SCHEMA_VERSION),
+        RecordKind("corpus_row", CorpusRow, CORPUS_SCHEMA, corpus.SCHEMA_VERSION),
+        RecordKind("error", ErrorRecord, ERROR_SCHEMA, error.SCHEMA_VERSION),
+        RecordKind("manifest_entry", ManifestEntry, MANIFEST_SCHEMA, manifest.SCHEMA_VERSION),
+    )
+}
+
+__all__ = [
+    "CAPTION_SCHEMA",
+    "CORPUS_SCHEMA",
+    "CRAWL_ITEM_SCHEMA",
+    "ERROR_SCHEMA",
+    "IMAGE_SCHEMA",
+    "MANIFEST_SCHEMA",
+    "RECORD_KINDS",
+    "REGION_SCHEMA",
+    "CaptionRecord",
+    "CorpusRegion",
+    "CorpusRow",
+    "CrawlItem",
+    "ErrorRecord",
+    "ImageRecord",
+    "ManifestEntry",
+    "RecordKind",
+    "RegionRecord",
+    "check_model_matches_schema",
+    "conform_table",
+    "records_to_table",
+    "rows_to_table",
+    "table_to_records",
+]
