@@ -244,6 +244,24 @@ def classify_exception(exc: BaseException) -> tuple[str, bool]:
     return "fetch_error", False
 
 
+MAX_DRAIN_BYTES = 1024 * 1024
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Return the connection to the pool only with its body consumed (keep-alive would desync)."""
+    declared = response.headers.get("Content-Length", "")
+    try:
+        if getattr(response, "body_consumed", False):
+            response.release_conn()
+        elif declared.isdigit() and int(declared) <= MAX_DRAIN_BYTES:
+            response.drain_conn()
+            response.release_conn()
+        else:
+            response.close()
+    except (HTTPError, OSError):
+        response.close()
+
+
 class GuardedHttpClient:
     """Thread-safe HTTP GET with guards, limits and retries. One instance per worker process."""
 
@@ -330,7 +348,7 @@ class GuardedHttpClient:
                     continue
                 return self._finish(url, current, response, started, attempt, header_filter)
             finally:
-                response.release_conn()
+                _discard(response)
 
     def _request(self, url: str) -> urllib3.BaseHTTPResponse:
         host = urlsplit(url).hostname or ""
@@ -404,4 +422,5 @@ class GuardedHttpClient:
         except (HTTPError, OSError, http.client.HTTPException) as exc:
             reason, transient = classify_exception(exc)
             raise FetchError(reason, f"reading body of {url}: {_root_cause(exc)}", transient) from exc
+        response.body_consumed = True  # type: ignore[attr-defined]
         return b"".join(chunks)

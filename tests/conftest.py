@@ -1,0 +1,58 @@
+"""Session-scoped real services: a local Ray, a SeaweedFS S3 server and the crawl zoo HTTP server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from tests.support.seaweed import start_seaweed
+
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test, named after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def zoo_assets_dir(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("PS3_TEST_CACHE", tmp_path_factory.mktemp("zoo-assets")))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def zoo(zoo_assets_dir):
+    from tests.support.zoo import serve_zoo
+
+    with serve_zoo(zoo_assets_dir) as server:
+        yield server
