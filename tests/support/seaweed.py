@@ -73,7 +73,7 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-        f"-metricsPort={ports['metrics']}", "-volume.max=8", "-master.volumeSizeLimitMB=64",
+        f"-metricsPort={ports['metrics']}", "-volume.max=200", "-master.volumeSizeLimitMB=32",
     ]
     log = (data_dir / "weed.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
