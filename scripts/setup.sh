@@ -5,11 +5,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 python_bin="${PYTHON:-python3}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+quiet_pip() {
+  # pip's local-mirror and setuptools warnings are noise: show the log only when pip fails.
+  if ! .venv/bin/python -m pip install --quiet "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: pip install $* failed" >&2
+    exit 1
+  fi
+}
 if [ ! -x .venv/bin/python ]; then
   "$python_bin" -m venv .venv
-  .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  quiet_pip --upgrade pip
 fi
 target="."
 [ -n "$extras" ] && target=".[${extras}]"
-# pip's local-mirror warnings are noise; real errors still fail the script through pipefail.
-.venv/bin/python -m pip install --quiet -e "$target" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
+echo "setup: installing ${target} into .venv" >&2
+quiet_pip -e "$target"
