@@ -121,8 +121,12 @@ def plan_items(sources: list[str], s3: S3Settings) -> list[tuple[str, list[dict[
 def _write_input_shard(layout: RunLayout, shard_id: str, table: pa.Table, checksum: str) -> None:
     key = RunLayout.crawl_input_key(shard_id)
     if layout.storage.exists(key):
-        with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
-            existing = pq.read_schema(handle).metadata or {}
+        try:
+            with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
+                existing = pq.read_schema(handle).metadata or {}
+        except (OSError, pa.ArrowInvalid) as exc:
+            logger.warning("rewriting unreadable input shard %s: %s", key, exc)
+            existing = {}
         if existing.get(b"input_checksum", b"").decode() == checksum:
             return
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
