@@ -316,7 +316,9 @@ class GuardedHttpClient:
                 if delay is None:
                     delay = self._backoff_s(attempts)
                 elif delay > self.settings.max_retry_after_s:
-                    error.message += f" (Retry-After {delay:.0f}s exceeds the {self.settings.max_retry_after_s:.0f}s cap)"
+                    error.message += (
+                        f" (Retry-After {delay:.0f}s exceeds the {self.settings.max_retry_after_s:.0f}s cap)"
+                    )
                     raise
                 if time.monotonic() - started + delay > self.settings.total_timeout_s:
                     raise
@@ -388,8 +390,9 @@ class GuardedHttpClient:
                 error.retry_after_s = retry_after  # type: ignore[attr-defined]
                 if retry_after:
                     limits = self._limits(urlsplit(final_url).hostname or "")
-                    limits.retry_after_until = max(limits.retry_after_until, time.monotonic() + min(
-                        retry_after, self.settings.max_retry_after_s))
+                    limits.retry_after_until = max(
+                        limits.retry_after_until, time.monotonic() + min(retry_after, self.settings.max_retry_after_s)
+                    )
             raise error
         if header_filter is not None:
             vetoed = header_filter(headers)

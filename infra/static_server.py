@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 class _QuietHandler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real image hosts
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         logger.debug("static server: " + format, *args)
 
 

@@ -24,10 +24,19 @@ NOT_YET = {
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="run config YAML (see configs/)")
     parser.add_argument("--run-root", help="local folder or s3://bucket/prefix (overrides the config)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set crawl.min_short_side=2048 (repeatable)")
-    parser.add_argument("--executor", choices=["ray", "local"],
-                        help="ray: Ray Data on a local or remote cluster; local: in-process, for debugging")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set crawl.min_short_side=2048 (repeatable)",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=["ray", "local"],
+        help="ray: Ray Data on a local or remote cluster; local: in-process, for debugging",
+    )
     parser.add_argument("--ray-address", help="address of a running Ray cluster (default: RAY_ADDRESS or local)")
 
 
@@ -42,11 +51,15 @@ def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
 
 def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
     for result in results:
-        print(f"[{result.stage}] shards: {result.computed_shards} computed, {result.skipped_shards} already done, "
-              f"{len(result.failed_shards)} failed (of {result.planned_shards})")
-        print(f"[{result.stage}] rows: {result.kept_rows} kept, {result.output_rows} written; "
-              f"{sum(result.filtered_by_reason.values())} filtered {result.filtered_by_reason}; "
-              f"{sum(result.errors_by_reason.values())} failed {result.errors_by_reason}")
+        print(
+            f"[{result.stage}] shards: {result.computed_shards} computed, {result.skipped_shards} already done, "
+            f"{len(result.failed_shards)} failed (of {result.planned_shards})"
+        )
+        print(
+            f"[{result.stage}] rows: {result.kept_rows} kept, {result.output_rows} written; "
+            f"{sum(result.filtered_by_reason.values())} filtered {result.filtered_by_reason}; "
+            f"{sum(result.errors_by_reason.values())} failed {result.errors_by_reason}"
+        )
         print(f"[{result.stage}] wall {result.wall_s:.1f}s, {result.throughput_rows_per_s:.1f} items/s")
     print(f"run root: {config.run_root} (summary.json, run.json)")
     return 1 if any(r.failed_shards for r in results) else 0
@@ -82,8 +95,11 @@ def cmd_not_yet(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     status = run_status(args.run)
     if args.json:
-        print(json.dumps({k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in status["stages"].items()},
-                         indent=2))
+        print(
+            json.dumps(
+                {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in status["stages"].items()}, indent=2
+            )
+        )
         return 0
     print(f"run root: {args.run}")
     for stage in STAGE_ORDER:
@@ -91,9 +107,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if entry is None:
             print(f"  {stage:13s} no shards")
             continue
-        print(f"  {stage:13s} shards {entry.done} done, {entry.stale} stale, {entry.missing} missing, "
-              f"{entry.failed} failed (of {entry.planned}); rows {entry.rows}; errors {entry.error_rows} "
-              f"{entry.errors_by_reason}")
+        print(
+            f"  {stage:13s} shards {entry.done} done, {entry.stale} stale, {entry.missing} missing, "
+            f"{entry.failed} failed (of {entry.planned}); rows {entry.rows}; errors {entry.error_rows} "
+            f"{entry.errors_by_reason}"
+        )
     return 0
 
 
@@ -113,39 +131,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    crawl = sub.add_parser("crawl", help="download and validate images into image shards",
-                           description="Crawl URL lists (.txt/.csv/.parquet with a url column and optional "
-                           "metadata), local folders and S3 prefixes into validated, deduplicated image shards. "
-                           "Rerunning skips shards that are complete and fresh.")
+    crawl = sub.add_parser(
+        "crawl",
+        help="download and validate images into image shards",
+        description="Crawl URL lists (.txt/.csv/.parquet with a url column and optional "
+        "metadata), local folders and S3 prefixes into validated, deduplicated image shards. "
+        "Rerunning skips shards that are complete and fresh.",
+    )
     _add_run_options(crawl)
     crawl.add_argument("--input", action="append", help="a source: URL list, folder or s3:// prefix (repeatable)")
-    crawl.add_argument("--retry-failed", metavar="RUN",
-                       help="retry only the items of RUN whose recorded failure is transient")
+    crawl.add_argument(
+        "--retry-failed", metavar="RUN", help="retry only the items of RUN whose recorded failure is transient"
+    )
     crawl.set_defaults(func=cmd_crawl)
 
-    for name, text in (("segment", "propose salient regions (SAM2 or classical) for crawled images"),
-                       ("caption", "caption every region crop (and each image) with a multimodal LLM"),
-                       ("build-corpus", "write training-ready corpus shards (image + boxes + captions)")):
+    for name, text in (
+        ("segment", "propose salient regions (SAM2 or classical) for crawled images"),
+        ("caption", "caption every region crop (and each image) with a multimodal LLM"),
+        ("build-corpus", "write training-ready corpus shards (image + boxes + captions)"),
+    ):
         stage = sub.add_parser(name, help=f"{text} [not implemented yet]", description=text)
         _add_run_options(stage)
         stage.set_defaults(func=cmd_not_yet)
 
-    run = sub.add_parser("run", help="run all stages in order (crawl -> segment -> caption -> build-corpus)",
-                         description="Run every stage in order over one run root; complete and fresh shards "
-                         "are skipped, so rerunning after a crash only computes what is missing or stale.")
+    run = sub.add_parser(
+        "run",
+        help="run all stages in order (crawl -> segment -> caption -> build-corpus)",
+        description="Run every stage in order over one run root; complete and fresh shards "
+        "are skipped, so rerunning after a crash only computes what is missing or stale.",
+    )
     _add_run_options(run)
     run.add_argument("--input", action="append", help="a crawl source (repeatable)")
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="per-stage shards done/stale/missing/failed, rows and errors",
-                            description="Show what a run root holds, read from its manifests.")
+    status = sub.add_parser(
+        "status",
+        help="per-stage shards done/stale/missing/failed, rows and errors",
+        description="Show what a run root holds, read from its manifests.",
+    )
     status.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    demo = sub.add_parser("demo", help="the embedded default job: generated images, loopback HTTP, local Ray",
-                          description="Generate sample high-res images plus bad inputs, serve them on loopback "
-                          "and run the pipeline on them with a local Ray.")
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded default job: generated images, loopback HTTP, local Ray",
+        description="Generate sample high-res images plus bad inputs, serve them on loopback "
+        "and run the pipeline on them with a local Ray.",
+    )
     demo.add_argument("--out", default="demo-output", help="folder for the site, URL list and run root")
     demo.add_argument("--images", type=int, default=24, help="number of generated images")
     demo.add_argument("--executor", choices=["ray", "local"])
@@ -156,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

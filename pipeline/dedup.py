@@ -113,7 +113,9 @@ def run_dedup(layout: RunLayout, max_distance: int) -> DedupOutcome:
     if storage.exists(layout.DEDUP_MANIFEST_KEY) and storage.exists(layout.DEDUP_KEY):
         previous = storage.read_json(layout.DEDUP_MANIFEST_KEY)
         if previous.get("fingerprint") == fingerprint:
-            return DedupOutcome(fingerprint, previous["kept"], previous["dropped_exact"], previous["dropped_near"], False)
+            return DedupOutcome(
+                fingerprint, previous["kept"], previous["dropped_exact"], previous["dropped_near"], False
+            )
     tables = [layout.read_output("crawl", shard, columns=HASH_COLUMNS) for shard in sorted(layout.manifests("crawl"))]
     rows = pa.concat_tables(tables).to_pylist() if tables else []
     drops = find_duplicates(rows, max_distance)
@@ -137,9 +139,15 @@ def run_dedup(layout: RunLayout, max_distance: int) -> DedupOutcome:
     storage.write_parquet_atomic(layout.DEDUP_KEY, rows_to_table(error_rows, ERROR_SCHEMA))
     exact = sum(1 for d in drops if d[2] == "duplicate_exact")
     outcome = DedupOutcome(fingerprint, len(rows) - len(drops), exact, len(drops) - exact, True)
-    storage.write_json_atomic(layout.DEDUP_MANIFEST_KEY, {
-        "fingerprint": fingerprint, "kept": outcome.kept, "dropped_exact": exact,
-        "dropped_near": outcome.dropped_near, "created_at": now.isoformat(),
-    })
+    storage.write_json_atomic(
+        layout.DEDUP_MANIFEST_KEY,
+        {
+            "fingerprint": fingerprint,
+            "kept": outcome.kept,
+            "dropped_exact": exact,
+            "dropped_near": outcome.dropped_near,
+            "created_at": now.isoformat(),
+        },
+    )
     logger.info("dedup: %d kept, %d exact and %d near duplicates dropped", outcome.kept, exact, outcome.dropped_near)
     return outcome

@@ -32,8 +32,14 @@ def _write_bad_inputs(site: Path) -> list[str]:
     (site / "broken" / "empty.jpg").write_bytes(b"")
     (site / "broken" / "page.html").write_text("<html><body>not an image</body></html>")
     (site / "broken" / "copy-of-scene-0.jpg").write_bytes(full)
-    return ["broken/small.jpg", "broken/truncated.jpg", "broken/empty.jpg", "broken/page.html",
-            "broken/missing.jpg", "broken/copy-of-scene-0.jpg"]
+    return [
+        "broken/small.jpg",
+        "broken/truncated.jpg",
+        "broken/empty.jpg",
+        "broken/page.html",
+        "broken/missing.jpg",
+        "broken/copy-of-scene-0.jpg",
+    ]
 
 
 def prepare_site(out: Path, num_images: int) -> list[str]:
@@ -54,8 +60,9 @@ def demo_config(out: Path, url_list: Path, executor: str, overrides: list[str]) 
     return load_run_config(None, defaults + overrides)
 
 
-def run_demo(out: Path, num_images: int = 24, executor: str = "ray",
-             overrides: list[str] | None = None) -> tuple[RunConfig, list[StageRunResult]]:
+def run_demo(
+    out: Path, num_images: int = 24, executor: str = "ray", overrides: list[str] | None = None
+) -> tuple[RunConfig, list[StageRunResult]]:
     out = out.resolve()
     paths = prepare_site(out, num_images)
     Image.init()

@@ -38,8 +38,9 @@ class ExecutorConfig(BaseModel):
 
 
 def _task_from_row(row: dict[str, Any]) -> ShardTask:
-    return ShardTask(row["stage"], row["shard_id"], row["input_key"], row["input_checksum"],
-                     tuple(row["input_shards"]), row["mode"])
+    return ShardTask(
+        row["stage"], row["shard_id"], row["input_key"], row["input_checksum"], tuple(row["input_shards"]), row["mode"]
+    )
 
 
 class ShardWorker:
@@ -75,7 +76,9 @@ class InProcessExecutor:
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
 
-    def run(self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
+    def run(
+        self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]
+    ) -> Iterator[ShardReport]:
         if not tasks:
             return
         worker = ShardWorker(spec, storage, fingerprint)
@@ -115,7 +118,9 @@ class RayDataExecutor:
         caps = [c for c in (resources.max_workers, self.config.max_workers) if c]
         return max(1, min([fit, num_tasks, *caps]))
 
-    def run(self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
+    def run(
+        self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]
+    ) -> Iterator[ShardReport]:
         if not tasks:
             return
         import ray
@@ -133,20 +138,30 @@ class RayDataExecutor:
         if resources.uses_model:
             compute = ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers)
             mapped = dataset.map_batches(
-                ShardWorker, fn_constructor_args=(spec, storage, fingerprint), batch_size=1,
-                batch_format="numpy", compute=compute, **remote_args,
+                ShardWorker,
+                fn_constructor_args=(spec, storage, fingerprint),
+                batch_size=1,
+                batch_format="numpy",
+                compute=compute,
+                **remote_args,
             )
         else:
             mapped = dataset.map_batches(
-                _run_tasks_once, fn_args=(spec, storage, fingerprint), batch_size=1, batch_format="numpy",
-                compute=ray.data.TaskPoolStrategy(size=num_workers), **remote_args,
+                _run_tasks_once,
+                fn_args=(spec, storage, fingerprint),
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.TaskPoolStrategy(size=num_workers),
+                **remote_args,
             )
         logger.info("%s: %d shards on %d Ray workers", spec.stage_cls.name, len(tasks), num_workers)
         reports = (ShardReport(**json.loads(row["report"])) for row in mapped.iter_rows())
         yield from _progress(reports, len(tasks), spec.stage_cls.name, self.config.progress)
 
 
-def _run_tasks_once(batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage, fingerprint: str) -> dict[str, np.ndarray]:
+def _run_tasks_once(
+    batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage, fingerprint: str
+) -> dict[str, np.ndarray]:
     """Task-pool variant for I/O stages: a fresh worker per shard (cheap setup, nothing to keep)."""
     worker = ShardWorker(spec, storage, fingerprint)
     try:

@@ -75,8 +75,9 @@ def _crawl_spec(config: RunConfig) -> StageSpec:
     return StageSpec(CrawlStage, crawl_config)
 
 
-def _summarise_crawl(layout: RunLayout, reports: list[ShardReport], planned: int, wall_s: float,
-                     dedup: DedupOutcome | None) -> StageRunResult:
+def _summarise_crawl(
+    layout: RunLayout, reports: list[ShardReport], planned: int, wall_s: float, dedup: DedupOutcome | None
+) -> StageRunResult:
     errors = layout.read_errors("crawl").select(["category", "reason"]).to_pylist()
     manifests = layout.manifests("crawl")
     output_rows = sum(m.output_rows for m in manifests.values())
@@ -126,8 +127,16 @@ def _retry_tasks(layout: RunLayout) -> list[ShardTask]:
     for shard_id, entry in sorted(layout.manifests("crawl").items()):
         errors = layout.read_shard_errors("crawl", shard_id).column("transient").to_pylist()
         if any(errors):
-            tasks.append(ShardTask("crawl", shard_id, RunLayout.crawl_input_key(shard_id), entry.input_checksum,
-                                   tuple(entry.input_shards), mode="retry_transient"))
+            tasks.append(
+                ShardTask(
+                    "crawl",
+                    shard_id,
+                    RunLayout.crawl_input_key(shard_id),
+                    entry.input_checksum,
+                    tuple(entry.input_shards),
+                    mode="retry_transient",
+                )
+            )
     return tasks
 
 
@@ -135,7 +144,9 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> li
     """Run the requested stages in order. Stages not implemented yet are reported, not faked."""
     missing = [s for s in stages if s not in IMPLEMENTED_STAGES]
     if missing:
-        logger.warning("stages %s are not implemented yet; running %s", missing, [s for s in stages if s not in missing])
+        logger.warning(
+            "stages %s are not implemented yet; running %s", missing, [s for s in stages if s not in missing]
+        )
     results = []
     if "crawl" in stages:
         results.append(run_crawl(config))
@@ -152,4 +163,3 @@ def write_summary(layout: RunLayout, results: list[StageRunResult], reports: lis
     }
     layout.storage.write_json_atomic(layout.SUMMARY_KEY, summary)
     return summary
-

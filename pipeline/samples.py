@@ -41,8 +41,9 @@ def synthetic_scene(width: int, height: int, seed: int) -> Image.Image:
     return img
 
 
-def write_scenes(folder: Path, count: int, size: tuple[int, int] = (2400, 1600), quality: int = 90,
-                 seed: int = 0) -> list[Path]:
+def write_scenes(
+    folder: Path, count: int, size: tuple[int, int] = (2400, 1600), quality: int = 90, seed: int = 0
+) -> list[Path]:
     """Write ``count`` JPEG scenes (alternating landscape/portrait) into ``folder``; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -73,12 +73,18 @@ def run_shard(stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str
         context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
         output, errors, busy_s = process_table(stage, table, context)
         wall_s = time.perf_counter() - began
-        layout.commit_shard(task, fingerprint=fingerprint, output=output, errors=errors, attempt=attempt,
-                            wall_seconds=wall_s)
-    except Exception as exc:  # noqa: BLE001 - a failed shard must not take the run down
+        layout.commit_shard(
+            task, fingerprint=fingerprint, output=output, errors=errors, attempt=attempt, wall_seconds=wall_s
+        )
+    except Exception as exc:
         logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, exc)
-        return ShardReport(task.stage, task.shard_id, "failed", wall_s=time.perf_counter() - began,
-                           message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+        return ShardReport(
+            task.stage,
+            task.shard_id,
+            "failed",
+            wall_s=time.perf_counter() - began,
+            message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
+        )
     return ShardReport(
         stage=task.stage,
         shard_id=task.shard_id,
@@ -109,10 +115,17 @@ def _retry_transient(
     output = pa.concat_tables([old_output, new_output])
     errors = pa.concat_tables([old_errors.filter(pc.invert(is_retried)), new_errors])
     wall_s = time.perf_counter() - began
-    layout.commit_shard(task, fingerprint=fingerprint, output=output, errors=errors, attempt=entry.attempt + 1,
-                        wall_seconds=wall_s)
+    layout.commit_shard(
+        task, fingerprint=fingerprint, output=output, errors=errors, attempt=entry.attempt + 1, wall_seconds=wall_s
+    )
     return ShardReport(
-        stage=task.stage, shard_id=task.shard_id, status="computed", input_rows=to_retry.num_rows,
-        output_rows=new_output.num_rows, error_rows=new_errors.num_rows,
-        errors_by_reason=dict(Counter(new_errors.column("reason").to_pylist())), wall_s=wall_s, busy_s=busy_s,
+        stage=task.stage,
+        shard_id=task.shard_id,
+        status="computed",
+        input_rows=to_retry.num_rows,
+        output_rows=new_output.num_rows,
+        error_rows=new_errors.num_rows,
+        errors_by_reason=dict(Counter(new_errors.column("reason").to_pylist())),
+        wall_s=wall_s,
+        busy_s=busy_s,
     )

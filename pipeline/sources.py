@@ -82,7 +82,9 @@ def _read_list_rows(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
     elif suffix == ".parquet":
         yield from pq.read_table(io.BytesIO(data)).to_pylist()
     else:
-        raise ValueError(f"unsupported source {source!r}: expected a .txt/.csv/.parquet URL list, a folder or an S3 prefix")
+        raise ValueError(
+            f"unsupported source {source!r}: expected a .txt/.csv/.parquet URL list, a folder or an S3 prefix"
+        )
 
 
 def expand_source(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
@@ -90,8 +92,13 @@ def expand_source(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
     if uri_is_dir(source, s3):
         for uri in list_uri(source, s3):
             if PurePosixPath(uri).suffix.lower() in IMAGE_SUFFIXES:
-                yield {"source_ref": uri, "source_list": source, "license": None, "attribution": None,
-                       "metadata_json": "{}"}
+                yield {
+                    "source_ref": uri,
+                    "source_list": source,
+                    "license": None,
+                    "attribution": None,
+                    "metadata_json": "{}",
+                }
         return
     for row in _read_list_rows(source, s3):
         yield _row_to_item(row, source)

@@ -58,8 +58,14 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
     errors = layout.read_errors("crawl").column("reason").to_pylist()
     dropped = len(layout.dropped_item_ids())
     stages["crawl"] = StageStatus(
-        stage="crawl", planned=len(planned), done=states["done"], stale=states["stale"], missing=states["missing"],
-        failed=failed["crawl"], rows=sum(m.output_rows for m in manifests.values()) - dropped,
-        error_rows=len(errors), errors_by_reason=dict(Counter(errors)),
+        stage="crawl",
+        planned=len(planned),
+        done=states["done"],
+        stale=states["stale"],
+        missing=states["missing"],
+        failed=failed["crawl"],
+        rows=sum(m.output_rows for m in manifests.values()) - dropped,
+        error_rows=len(errors),
+        errors_by_reason=dict(Counter(errors)),
     )
     return {"run_root": run_root, "stages": stages, "summary": summary}

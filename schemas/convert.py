@@ -41,9 +41,7 @@ def check_model_matches_schema(model: type[BaseModel], schema: pa.Schema) -> Non
     model_fields = list(model.model_fields)
     schema_fields = list(schema.names)
     if model_fields != schema_fields:
-        raise TypeError(
-            f"{model.__name__} fields {model_fields} do not match its Arrow schema columns {schema_fields}"
-        )
+        raise TypeError(f"{model.__name__} fields {model_fields} do not match its Arrow schema columns {schema_fields}")
 
 
 def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:

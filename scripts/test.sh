@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export RAY_AUTH_MODE=disabled
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -114,8 +114,7 @@ class CrawlStage(Stage):
     output_schema: ClassVar[pa.Schema] = IMAGE_SCHEMA
     config_model: ClassVar[type[BaseModel]] = CrawlConfig
     operational_fields: ClassVar[frozenset[str]] = frozenset(
-        {"shard_size", "batch_size", "download_threads", "max_workers", "http", "s3", "dedup",
-         "near_dup_max_distance"}
+        {"shard_size", "batch_size", "download_threads", "max_workers", "http", "s3", "dedup", "near_dup_max_distance"}
     )
 
     config: CrawlConfig
@@ -156,8 +155,14 @@ class CrawlStage(Stage):
             fetched = self._fetch(item)
         except FetchError as exc:
             return "error", error_row(
-                context, item_id=item["item_id"], input_ref=item["source_ref"], reason=exc.reason,
-                message=exc.message, category=exc.category, transient=exc.transient, attempts=exc.attempts,
+                context,
+                item_id=item["item_id"],
+                input_ref=item["source_ref"],
+                reason=exc.reason,
+                message=exc.message,
+                category=exc.category,
+                transient=exc.transient,
+                attempts=exc.attempts,
             )
         body, final_url, headers, status, attempts = fetched
         try:
@@ -169,14 +174,23 @@ class CrawlStage(Stage):
             )
         except ImageRejected as exc:
             return "error", error_row(
-                context, item_id=item["item_id"], input_ref=item["source_ref"], reason=exc.reason,
-                message=exc.message, attempts=attempts,
+                context,
+                item_id=item["item_id"],
+                input_ref=item["source_ref"],
+                reason=exc.reason,
+                message=exc.message,
+                attempts=attempts,
             )
         rejection = self._resolution_rejection(facts.width, facts.height)
         if rejection is not None:
             return "error", error_row(
-                context, item_id=item["item_id"], input_ref=item["source_ref"], reason=rejection[0],
-                message=rejection[1], category="filtered", attempts=attempts,
+                context,
+                item_id=item["item_id"],
+                input_ref=item["source_ref"],
+                reason=rejection[0],
+                message=rejection[1],
+                category="filtered",
+                attempts=attempts,
             )
         digest = hashlib.sha256(body).hexdigest()
         keep_bytes = self.config.image_storage == "bytes"
@@ -227,8 +241,9 @@ class CrawlStage(Stage):
         directive = parse_opt_out(headers, self.config.opt_out_tokens)
         if directive is None:
             return None
-        return FetchError("opt_out", f"X-Robots-Tag: {headers.get('x-robots-tag')}", transient=False,
-                          category="filtered")
+        return FetchError(
+            "opt_out", f"X-Robots-Tag: {headers.get('x-robots-tag')}", transient=False, category="filtered"
+        )
 
     def _resolution_rejection(self, width: int, height: int) -> tuple[str, str] | None:
         short_side, long_side = min(width, height), max(width, height)

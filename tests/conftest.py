@@ -46,8 +46,7 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def zoo_assets_dir(tmp_path_factory) -> Path:
-    cache = Path(os.environ.get("PS3_TEST_CACHE", tmp_path_factory.mktemp("zoo-assets")))
-    return cache
+    return Path(os.environ.get("PS3_TEST_CACHE", tmp_path_factory.mktemp("zoo-assets")))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,10 @@ def test_atomic_write_read_list_delete(storage):
     storage.write_json_atomic("a/x.json", {"k": [1, 2]})
     assert storage.read_bytes("a/b/c.bin") == b"hello"
     assert storage.read_json("a/x.json") == {"k": [1, 2]}
-    assert [(o.key, o.size) for o in storage.list("a/")] == [("a/b/c.bin", 5), ("a/x.json", len(storage.read_bytes("a/x.json")))]
+    assert [(o.key, o.size) for o in storage.list("a/")] == [
+        ("a/b/c.bin", 5),
+        ("a/x.json", len(storage.read_bytes("a/x.json"))),
+    ]
     assert storage.exists("a/b/c.bin") and not storage.exists("a/b/missing")
     assert storage.list("_tmp/") == [] and storage.list("nothing/") == []
     storage.delete("a/b/c.bin")
@@ -41,6 +44,7 @@ def test_parquet_round_trip_and_checksum(storage):
     assert storage.read_parquet("t/part-0.parquet").equals(table)
     assert storage.read_parquet("t/part-0.parquet", columns=["y"]).column_names == ["y"]
     import hashlib
+
     assert checksum == hashlib.sha256(storage.read_bytes("t/part-0.parquet")).hexdigest()
 
 

@@ -19,8 +19,9 @@ def test_help_lists_every_command():
 
 
 def test_console_script_help_runs():
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "crawl", "--help"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "crawl", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--retry-failed" in result.stdout and "--input" in result.stdout
 
 
@@ -40,8 +41,18 @@ def test_crawl_then_status_then_rerun(zoo, tmp_path, capsys):
     urls = tmp_path / "urls.txt"
     urls.write_text("\n".join(zoo.url(p) for p in ("/good/0.jpg", "/good/1.jpg", "/small.jpg", "/missing.jpg")))
     run_root = str(tmp_path / "run")
-    argv = ["crawl", "--run-root", run_root, "--input", str(urls), "--executor", "local",
-            *[arg for override in ZOO_CRAWL_OVERRIDES for arg in ("--set", override)], "--set", "executor.progress=false"]
+    argv = [
+        "crawl",
+        "--run-root",
+        run_root,
+        "--input",
+        str(urls),
+        "--executor",
+        "local",
+        *[arg for override in ZOO_CRAWL_OVERRIDES for arg in ("--set", override)],
+        "--set",
+        "executor.progress=false",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1 computed" in out and "2 kept" in out and "'too_small': 1" in out and "'http_404': 1" in out

@@ -17,8 +17,18 @@ def write_tasks(storage: Storage, refs_per_shard: list[list[str]]) -> list[Shard
     tasks = []
     for index, refs in enumerate(refs_per_shard):
         shard_id = f"s-{index:03d}"
-        rows = [{"item_id": f"{shard_id}-{i}", "source_ref": ref, "source_kind": "file", "source_list": "l",
-                 "license": None, "attribution": None, "metadata_json": "{}"} for i, ref in enumerate(refs)]
+        rows = [
+            {
+                "item_id": f"{shard_id}-{i}",
+                "source_ref": ref,
+                "source_kind": "file",
+                "source_list": "l",
+                "license": None,
+                "attribution": None,
+                "metadata_json": "{}",
+            }
+            for i, ref in enumerate(refs)
+        ]
         key = f"echo/_input/{shard_id}.parquet"
         storage.write_parquet_atomic(key, pa.Table.from_pylist(rows, schema=CRAWL_ITEM_SCHEMA))
         tasks.append(ShardTask("echo", shard_id, key, f"checksum-{index}", ("l",)))

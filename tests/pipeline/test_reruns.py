@@ -23,8 +23,12 @@ def image_folder(zoo, tmp_path) -> Path:
 
 
 def config_for(folder: Path, run_root: Path, *overrides: str):
-    return load_run_config(None, ["executor.kind=local", "executor.progress=false", "crawl.shard_size=2",
-                                  *overrides], run_root=str(run_root), sources=[str(folder)])
+    return load_run_config(
+        None,
+        ["executor.kind=local", "executor.progress=false", "crawl.shard_size=2", *overrides],
+        run_root=str(run_root),
+        sources=[str(folder)],
+    )
 
 
 def rows(run_root: Path) -> pl.DataFrame:

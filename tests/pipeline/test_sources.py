@@ -75,14 +75,21 @@ def test_folder_and_s3_prefix_sources_crawl_through_the_storage_seam(tmp_path, z
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="src/b.jpg", Body=zoo.assets["/good/1.jpg"])
     client.put_object(Bucket=s3_bucket, Key="src/broken.jpg", Body=zoo.assets["/truncated.jpg"])
-    config = load_run_config(None, ["executor.kind=local", "executor.progress=false"],
-                             run_root=str(tmp_path / "run"), sources=[str(folder), f"s3://{s3_bucket}/src/"])
+    config = load_run_config(
+        None,
+        ["executor.kind=local", "executor.progress=false"],
+        run_root=str(tmp_path / "run"),
+        sources=[str(folder), f"s3://{s3_bucket}/src/"],
+    )
     result = run_crawl(config)
     assert result.kept_rows == 2
     assert result.errors_by_reason == {"truncated": 1}
     layout = RunLayout(Storage(config.run_root))
-    kinds = sorted(r["source_kind"] for s in layout.manifests("crawl")
-                   for r in layout.read_output("crawl", s, columns=["source_kind"]).to_pylist())
+    kinds = sorted(
+        r["source_kind"]
+        for s in layout.manifests("crawl")
+        for r in layout.read_output("crawl", s, columns=["source_kind"]).to_pylist()
+    )
     assert kinds == ["file", "s3"]
 
 

@@ -21,8 +21,12 @@ VOLATILE_IMAGE_COLUMNS = ["fetched_at"]
 
 
 def zoo_config(run_root: str, url_list: Path, executor: str = "ray", extra: tuple[str, ...] = ()):
-    return load_run_config(None, [*ZOO_CRAWL_OVERRIDES, f"executor.kind={executor}", "executor.progress=false",
-                                  *extra], run_root=run_root, sources=[str(url_list)])
+    return load_run_config(
+        None,
+        [*ZOO_CRAWL_OVERRIDES, f"executor.kind={executor}", "executor.progress=false", *extra],
+        run_root=run_root,
+        sources=[str(url_list)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +96,17 @@ def test_kept_rows_carry_orientation_modes_and_provenance(local_run, zoo):
 def test_every_input_item_leaves_exactly_once(local_run):
     run_root, _ = local_run
     layout = RunLayout(Storage(run_root))
-    inputs = [i for obj in layout.storage.list("crawl/_input/")
-              for i in layout.storage.read_parquet(obj.key).column("item_id").to_pylist()]
-    outputs = [i for s in layout.manifests("crawl") for i in layout.read_output("crawl", s).column("item_id").to_pylist()]
-    shard_errors = [i for s in layout.manifests("crawl")
-                    for i in layout.read_shard_errors("crawl", s).column("item_id").to_pylist()]
+    inputs = [
+        i
+        for obj in layout.storage.list("crawl/_input/")
+        for i in layout.storage.read_parquet(obj.key).column("item_id").to_pylist()
+    ]
+    outputs = [
+        i for s in layout.manifests("crawl") for i in layout.read_output("crawl", s).column("item_id").to_pylist()
+    ]
+    shard_errors = [
+        i for s in layout.manifests("crawl") for i in layout.read_shard_errors("crawl", s).column("item_id").to_pylist()
+    ]
     assert len(inputs) == len(set(inputs)) == len(ZOO_EXPECTED)
     assert sorted(outputs + shard_errors) == sorted(inputs)
     assert layout.dropped_item_ids() <= set(outputs)
@@ -104,12 +114,18 @@ def test_every_input_item_leaves_exactly_once(local_run):
 
 def test_second_run_writes_nothing_and_fetches_nothing(local_run, zoo, url_list):
     run_root, _ = local_run
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(run_root).rglob("*")
-              if p.is_file() and p.name != "summary.json"}
+    before = {
+        p: (p.stat().st_mtime_ns, p.read_bytes())
+        for p in Path(run_root).rglob("*")
+        if p.is_file() and p.name != "summary.json"
+    }
     requests_before = sum(zoo.requests.values())
     again = run_crawl(zoo_config(run_root, url_list))
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(run_root).rglob("*")
-             if p.is_file() and p.name != "summary.json"}
+    after = {
+        p: (p.stat().st_mtime_ns, p.read_bytes())
+        for p in Path(run_root).rglob("*")
+        if p.is_file() and p.name != "summary.json"
+    }
     assert again.computed_shards == 0 and again.skipped_shards == 4
     assert after == before
     assert sum(zoo.requests.values()) == requests_before
@@ -138,8 +154,11 @@ def test_s3_run_root_matches_local_run(local_run, zoo, url_list, s3_bucket):
     # 14 kept + 2 dedup drops, which stay in the shards and are filtered through crawl/_dedup downstream
     assert s3_frame.height == local_frame.height == 16
     assert _comparable_images(s3_frame).equals(_comparable_images(local_frame))
-    part_paths = [s3_storage.path(o.key) for o in s3_storage.list("crawl/") if "/part-" in "/" + o.key.split("/", 1)[1]
-                  and o.key.count("/") == 1]
+    part_paths = [
+        s3_storage.path(o.key)
+        for o in s3_storage.list("crawl/")
+        if "/part-" in "/" + o.key.split("/", 1)[1] and o.key.count("/") == 1
+    ]
     s3_arrow = pads.dataset(part_paths, filesystem=s3_storage.filesystem, format="parquet").to_table()
     assert _comparable_images(pl.from_arrow(s3_arrow)).equals(_comparable_images(local_frame))
     assert _comparable_errors(s3_layout.read_errors("crawl")) == _comparable_errors(local_layout.read_errors("crawl"))
@@ -170,8 +189,9 @@ def test_private_addresses_are_refused_by_default(zoo, tmp_path, ray_local):
     urls = tmp_path / "urls.txt"
     urls.write_text(f"{zoo.url('/good/0.jpg')}\nhttp://localhost:{zoo.base_url.rsplit(':', 1)[1]}/good/1.jpg\n")
     zoo.reset()
-    config = load_run_config(None, ["executor.kind=local", "executor.progress=false"],
-                             run_root=str(tmp_path / "run"), sources=[str(urls)])
+    config = load_run_config(
+        None, ["executor.kind=local", "executor.progress=false"], run_root=str(tmp_path / "run"), sources=[str(urls)]
+    )
     result = run_crawl(config)
     assert result.kept_rows == 0
     assert result.errors_by_reason == {"blocked_address": 2}

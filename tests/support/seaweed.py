@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,38 +43,78 @@ class SeaweedS3:
 
     def client(self):
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-            region_name="us-east-1", config=Config(retries={"max_attempts": 3}),
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 3}),
         )
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
 
     def stop(self) -> None:
         # SeaweedFS ignores SIGTERM for a long time while shutting down gracefully: kill the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=10)
 
 
 def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "s3.json"
-    config_path.write_text(json.dumps({"identities": [{
-        "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: free_port() for name in (
-        "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc", "metrics")}
+    config_path.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "test",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    ports = {
+        name: free_port()
+        for name in (
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "s3",
+            "s3.grpc",
+            "metrics",
+        )
+    }
     command = [
-        weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data_dir}", "-s3",
-        f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}", f"-s3.config={config_path}",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-        f"-metricsPort={ports['metrics']}", "-volume.max=200", "-master.volumeSizeLimitMB=32",
+        weed_binary(),
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={data_dir}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3.grpc']}",
+        f"-s3.config={config_path}",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master.grpc']}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume.grpc']}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer.grpc']}",
+        f"-metricsPort={ports['metrics']}",
+        "-volume.max=200",
+        "-master.volumeSizeLimitMB=32",
     ]
     log = (data_dir / "weed.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,7 +126,9 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
         try:
             server.client().create_bucket(Bucket="ready-check")
             return server
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             time.sleep(0.3)
     server.stop()
-    raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout_s}s: {(data_dir / 'weed.log').read_text()[-2000:]}")
+    raise RuntimeError(
+        f"SeaweedFS S3 did not answer within {timeout_s}s: {(data_dir / 'weed.log').read_text()[-2000:]}"
+    )

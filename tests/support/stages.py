@@ -11,13 +11,15 @@ from pydantic import BaseModel, ConfigDict
 from schemas import CRAWL_ITEM_SCHEMA
 from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 
-ECHO_SCHEMA = pa.schema([
-    pa.field("item_id", pa.string(), nullable=False),
-    pa.field("shard_id", pa.string(), nullable=False),
-    pa.field("upper_ref", pa.string(), nullable=False),
-    pa.field("worker_pid", pa.int64(), nullable=False),
-    pa.field("setup_calls", pa.int64(), nullable=False),
-])
+ECHO_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("upper_ref", pa.string(), nullable=False),
+        pa.field("worker_pid", pa.int64(), nullable=False),
+        pa.field("setup_calls", pa.int64(), nullable=False),
+    ]
+)
 
 
 class EchoConfig(BaseModel):
@@ -38,8 +40,9 @@ class EchoModelStage(Stage):
 
     @property
     def resources(self) -> Resources:
-        return Resources(num_cpus=1, uses_model=True, max_workers=self.config.max_workers,
-                         batch_size=self.config.batch_size)
+        return Resources(
+            num_cpus=1, uses_model=True, max_workers=self.config.max_workers, batch_size=self.config.batch_size
+        )
 
     def setup(self) -> None:
         type(self).setup_calls += 1
@@ -51,9 +54,17 @@ class EchoModelStage(Stage):
             if "crash" in ref:
                 raise RuntimeError(f"model blew up on {ref}")
             if "bad" in ref:
-                errors.append(error_row(context, item_id=item["item_id"], input_ref=ref, reason="bad_item",
-                                        message="refused"))
+                errors.append(
+                    error_row(context, item_id=item["item_id"], input_ref=ref, reason="bad_item", message="refused")
+                )
                 continue
-            rows.append({"item_id": item["item_id"], "shard_id": context.shard_id, "upper_ref": ref.upper(),
-                         "worker_pid": os.getpid(), "setup_calls": type(self).setup_calls})
+            rows.append(
+                {
+                    "item_id": item["item_id"],
+                    "shard_id": context.shard_id,
+                    "upper_ref": ref.upper(),
+                    "worker_pid": os.getpid(),
+                    "setup_calls": type(self).setup_calls,
+                }
+            )
         return BatchResult(pa.Table.from_pylist(rows, schema=ECHO_SCHEMA), errors_table(errors))

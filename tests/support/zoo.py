@@ -73,10 +73,17 @@ def _encode(img: Image.Image, fmt: str, **params) -> bytes:
 
 def _png_bomb(width: int, height: int) -> bytes:
     """A valid PNG header claiming ``width`` x ``height`` with a tiny (incomplete) body."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def build_assets(cache: Path) -> dict[str, bytes]:
@@ -90,13 +97,21 @@ def build_assets(cache: Path) -> dict[str, bytes]:
         return path.read_bytes()
 
     scene = lambda seed, size=GOOD_SIZE: synthetic_scene(size[0], size[1], seed)  # noqa: E731
-    assets = {f"/good/{i}.jpg": cached(f"good{i}.jpg", lambda i=i: _encode(
-        scene(i, GOOD_SIZE if i % 2 == 0 else GOOD_SIZE[::-1]), "JPEG", quality=90)) for i in range(6)}
+    assets = {
+        f"/good/{i}.jpg": cached(
+            f"good{i}.jpg",
+            lambda i=i: _encode(scene(i, GOOD_SIZE if i % 2 == 0 else GOOD_SIZE[::-1]), "JPEG", quality=90),
+        )
+        for i in range(6)
+    }
     assets["/good/cmyk.jpg"] = cached("cmyk.jpg", lambda: _encode(scene(10).convert("CMYK"), "JPEG", quality=90))
     assets["/good/rgba.png"] = cached("rgba.png", lambda: _encode(scene(11).convert("RGBA"), "PNG", compress_level=1))
-    assets["/good/palette.png"] = cached("palette.png", lambda: _encode(scene(12).quantize(64), "PNG", compress_level=1))
-    assets["/good/gray16.png"] = cached("gray16.png", lambda: _encode(scene(13).convert("L").convert("I;16"), "PNG",
-                                                                     compress_level=1))
+    assets["/good/palette.png"] = cached(
+        "palette.png", lambda: _encode(scene(12).quantize(64), "PNG", compress_level=1)
+    )
+    assets["/good/gray16.png"] = cached(
+        "gray16.png", lambda: _encode(scene(13).convert("L").convert("I;16"), "PNG", compress_level=1)
+    )
 
     def rotated() -> bytes:
         exif = Image.Exif()
@@ -109,8 +124,10 @@ def build_assets(cache: Path) -> dict[str, bytes]:
     assets["/good/redirect-target.jpg"] = cached("target.jpg", lambda: _encode(scene(17), "JPEG", quality=90))
     assets["/error500.jpg"] = cached("healed500.jpg", lambda: _encode(scene(18), "JPEG", quality=90))
     assets["/dup/exact.jpg"] = assets["/good/0.jpg"]
-    assets["/dup/near.jpg"] = cached("near.jpg", lambda: _encode(
-        Image.open(io.BytesIO(assets["/good/1.jpg"])).resize((1440, 1920)), "JPEG", quality=75))
+    assets["/dup/near.jpg"] = cached(
+        "near.jpg",
+        lambda: _encode(Image.open(io.BytesIO(assets["/good/1.jpg"])).resize((1440, 1920)), "JPEG", quality=75),
+    )
     assets["/small.jpg"] = cached("small.jpg", lambda: _encode(scene(20, (800, 600)), "JPEG", quality=90))
     assets["/optout.jpg"] = cached("optout.jpg", lambda: _encode(scene(21), "JPEG", quality=90))
     assets["/optout-agent.jpg"] = cached("optout2.jpg", lambda: _encode(scene(22), "JPEG", quality=90))
@@ -123,8 +140,13 @@ def build_assets(cache: Path) -> dict[str, bytes]:
     return assets
 
 
-CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".svg": "image/svg+xml",
-                 ".html": "text/html"}
+CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".svg": "image/svg+xml",
+    ".html": "text/html",
+}
 
 
 class ZooServer:
@@ -169,7 +191,7 @@ def _handler(zoo: ZooServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: C901, N802 - one branch per zoo route
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             with zoo.lock:
                 zoo.requests[path] += 1
