@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, load_run_config
-from pipeline.runner import STAGE_ORDER, StageRunResult, run_crawl, run_pipeline
+from pipeline.runner import STAGE_ORDER, StageRunResult, run_crawl, run_pipeline, run_segment
 from pipeline.status import run_status
 
 logger = logging.getLogger("ps3-engine")
 
 NOT_YET = {
-    "segment": "issue #3 (SAM2 and classical region proposals)",
     "caption": "issue #4 (MLLM captioning)",
     "build-corpus": "issue #4 (corpus shards)",
 }
@@ -82,6 +81,11 @@ def _snapshot_config(run_root: str) -> dict:
     return {**storage.read_json("run.json")["config"], "run_root": run_root}
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return _print_results(config, [run_segment(config)])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, sources=args.input or None)
     return _print_results(config, run_pipeline(config))
@@ -145,8 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     crawl.set_defaults(func=cmd_crawl)
 
+    segment = sub.add_parser(
+        "segment",
+        help="propose the PS3 salient boxes of each crawled image (SAM2 or classical)",
+        description="Segment every crawled image (segment.backend: 'sam2' with a checkpoint, or the weight-free "
+        "'classical' default), score the candidate box grid with the PS3 rule and keep the top-k "
+        "non-overlapping boxes per image.",
+    )
+    _add_run_options(segment)
+    segment.set_defaults(func=cmd_segment)
+
     for name, text in (
-        ("segment", "propose salient regions (SAM2 or classical) for crawled images"),
         ("caption", "caption every region crop (and each image) with a multimodal LLM"),
         ("build-corpus", "write training-ready corpus shards (image + boxes + captions)"),
     ):

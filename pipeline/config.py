@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from infra.storage import S3Settings
 from pipeline.executor import ExecutorConfig
 from stages.crawl import CrawlConfig
+from stages.segment import SegmentConfig
 
 
 class RunConfig(BaseModel):
@@ -26,6 +27,7 @@ class RunConfig(BaseModel):
     s3: S3Settings = S3Settings()
     executor: ExecutorConfig = ExecutorConfig()
     crawl: CrawlConfig = CrawlConfig()
+    segment: SegmentConfig = SegmentConfig()
 
 
 class ConfigError(ValueError):

@@ -38,8 +38,13 @@ class ExecutorConfig(BaseModel):
 
 
 def _task_from_row(row: dict[str, Any]) -> ShardTask:
+    fields = json.loads(row["task"])
     return ShardTask(
-        row["stage"], row["shard_id"], row["input_key"], row["input_checksum"], tuple(row["input_shards"]), row["mode"]
+        **{
+            **fields,
+            "input_shards": tuple(fields["input_shards"]),
+            "exclude_item_ids": tuple(fields["exclude_item_ids"]),
+        }
     )
 
 
@@ -130,7 +135,7 @@ class RayDataExecutor:
         ray.data.DataContext.get_current().enable_progress_bars = False
         resources = spec.build().resources
         num_workers = self._num_workers(spec, len(tasks))
-        rows = [{**asdict(t), "input_shards": list(t.input_shards)} for t in tasks]
+        rows = [{"task": json.dumps(asdict(t))} for t in tasks]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
         if resources.memory_bytes:

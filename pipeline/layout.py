@@ -44,6 +44,8 @@ class ShardTask:
     # "compute" builds the shard from its whole input; "retry_transient" re-runs only the items whose
     # recorded error is transient and merges them into the committed shard.
     mode: str = "compute"
+    # Input rows to skip (e.g. images dropped by the crawl's cross-shard dedup); part of the checksum.
+    exclude_item_ids: tuple[str, ...] = ()
 
 
 class RunLayout:

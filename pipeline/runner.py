@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from infra.storage import Storage
 from pipeline.config import RunConfig, snapshot
-from pipeline.dedup import DedupOutcome, run_dedup
+from pipeline.dedup import run_dedup
 from pipeline.executor import make_executor
 from pipeline.layout import RunLayout, ShardTask
 from pipeline.shard_runner import ShardReport, StageSpec
 from pipeline.sources import plan_crawl
 from stages.crawl import CrawlStage
+from stages.segment import SegmentStage
 
 logger = logging.getLogger(__name__)
 
 STAGE_ORDER = ("crawl", "segment", "caption", "build-corpus")
-IMPLEMENTED_STAGES = ("crawl",)
+IMPLEMENTED_STAGES = ("crawl", "segment")
 
 
 @dataclass
@@ -53,9 +55,27 @@ def open_run(config: RunConfig) -> RunLayout:
     return RunLayout(Storage(config.run_root, config.s3))
 
 
-def write_snapshot(layout: RunLayout, config: RunConfig, fingerprints: dict[str, str]) -> None:
+def _with_run_s3(stage_config: Any, config: RunConfig) -> Any:
+    """Stages read sources/images through their own ``s3`` settings; default them to the run's."""
+    if stage_config.s3 == type(stage_config.s3)() and config.s3 != stage_config.s3:
+        return stage_config.model_copy(update={"s3": config.s3})
+    return stage_config
+
+
+def stage_specs(config: RunConfig) -> dict[str, StageSpec]:
+    return {
+        "crawl": StageSpec(CrawlStage, _with_run_s3(config.crawl, config)),
+        "segment": StageSpec(SegmentStage, _with_run_s3(config.segment, config)),
+    }
+
+
+def stage_fingerprints(config: RunConfig) -> dict[str, str]:
+    return {name: spec.build().fingerprint() for name, spec in stage_specs(config).items()}
+
+
+def write_snapshot(layout: RunLayout, config: RunConfig) -> None:
     """Snapshot the resolved config; rewritten only when config or fingerprints changed."""
-    fresh = snapshot(config, fingerprints)
+    fresh = snapshot(config, stage_fingerprints(config))
     if layout.storage.exists(layout.RUN_CONFIG_KEY):
         previous = layout.storage.read_json(layout.RUN_CONFIG_KEY)
         if previous.get("config") == fresh["config"] and previous.get("fingerprints") == fresh["fingerprints"]:
@@ -63,27 +83,39 @@ def write_snapshot(layout: RunLayout, config: RunConfig, fingerprints: dict[str,
     layout.write_run_config(fresh)
 
 
-def _pending(layout: RunLayout, tasks: list[ShardTask], fingerprint: str) -> list[ShardTask]:
+def pending_tasks(layout: RunLayout, tasks: list[ShardTask], fingerprint: str) -> list[ShardTask]:
     manifests = layout.manifests(tasks[0].stage) if tasks else {}
     return [t for t in tasks if layout.shard_state(t, fingerprint, manifests.get(t.shard_id)) != "done"]
 
 
-def _crawl_spec(config: RunConfig) -> StageSpec:
-    crawl_config = config.crawl
-    if config.s3 != crawl_config.s3 and crawl_config.s3 == type(crawl_config.s3)():
-        crawl_config = crawl_config.model_copy(update={"s3": config.s3})
-    return StageSpec(CrawlStage, crawl_config)
+def plan_segment(layout: RunLayout) -> list[ShardTask]:
+    """One segment shard per committed crawl shard, minus the images the dedup dropped."""
+    dropped_by_shard: dict[str, list[str]] = defaultdict(list)
+    if layout.storage.exists(layout.DEDUP_KEY):
+        for row in layout.storage.read_parquet(layout.DEDUP_KEY, columns=["shard_id", "item_id"]).to_pylist():
+            dropped_by_shard[row["shard_id"]].append(row["item_id"])
+    tasks = []
+    for shard_id, entry in sorted(layout.manifests("crawl").items()):
+        excluded = tuple(sorted(dropped_by_shard.get(shard_id, [])))
+        checksum = hashlib.sha256("\n".join([entry.output_checksum, *excluded]).encode()).hexdigest()
+        tasks.append(ShardTask("segment", shard_id, entry.output_key, checksum, (shard_id,), exclude_item_ids=excluded))
+    return tasks
 
 
-def _summarise_crawl(
-    layout: RunLayout, reports: list[ShardReport], planned: int, wall_s: float, dedup: DedupOutcome | None
+def summarise(
+    layout: RunLayout,
+    stage: str,
+    reports: list[ShardReport],
+    planned: int,
+    wall_s: float,
+    kept_rows: int | None = None,
+    dedup: dict[str, Any] | None = None,
 ) -> StageRunResult:
-    errors = layout.read_errors("crawl").select(["category", "reason"]).to_pylist()
-    manifests = layout.manifests("crawl")
-    output_rows = sum(m.output_rows for m in manifests.values())
+    errors = layout.read_errors(stage).select(["category", "reason"]).to_pylist()
+    output_rows = sum(m.output_rows for m in layout.manifests(stage).values())
     computed = [r for r in reports if r.status == "computed"]
     return StageRunResult(
-        stage="crawl",
+        stage=stage,
         planned_shards=planned,
         skipped_shards=planned - len(reports),
         computed_shards=len(computed),
@@ -93,31 +125,55 @@ def _summarise_crawl(
         error_rows=len(errors),
         wall_s=wall_s,
         busy_s=sum(r.busy_s for r in computed),
-        kept_rows=dedup.kept if dedup else output_rows,
+        kept_rows=output_rows if kept_rows is None else kept_rows,
         errors_by_reason=dict(Counter(e["reason"] for e in errors if e["category"] == "failed")),
         filtered_by_reason=dict(Counter(e["reason"] for e in errors if e["category"] == "filtered")),
-        dedup=asdict(dedup) if dedup else None,
+        dedup=dedup,
     )
+
+
+def _execute(config: RunConfig, layout: RunLayout, stage: str, tasks: list[ShardTask]) -> list[ShardReport]:
+    spec = stage_specs(config)[stage]
+    fingerprint = spec.build().fingerprint()
+    pending = tasks if tasks and tasks[0].mode != "compute" else pending_tasks(layout, tasks, fingerprint)
+    logger.info("%s: %d shards planned, %d to compute", stage, len(tasks), len(pending))
+    return list(make_executor(config.executor).run(spec, layout.storage, fingerprint, pending))
 
 
 def run_crawl(config: RunConfig, *, retry_failed: bool = False) -> StageRunResult:
     """Crawl every planned shard that is not complete and fresh (or retry transient failures)."""
     started = time.perf_counter()
     layout = open_run(config)
-    spec = _crawl_spec(config)
-    fingerprint = spec.build().fingerprint()
     if retry_failed:
         tasks = _retry_tasks(layout)
-        pending = tasks
     else:
-        write_snapshot(layout, config, {"crawl": fingerprint})
+        write_snapshot(layout, config)
         tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
-        pending = _pending(layout, tasks, fingerprint)
-    logger.info("crawl: %d shards planned, %d to compute", len(tasks), len(pending))
-    executor = make_executor(config.executor)
-    reports = list(executor.run(spec, layout.storage, fingerprint, pending))
+    reports = _execute(config, layout, "crawl", tasks)
     dedup = run_dedup(layout, config.crawl.near_dup_max_distance) if config.crawl.dedup else None
-    result = _summarise_crawl(layout, reports, len(tasks), time.perf_counter() - started, dedup)
+    result = summarise(
+        layout,
+        "crawl",
+        reports,
+        len(tasks),
+        time.perf_counter() - started,
+        kept_rows=dedup.kept if dedup else None,
+        dedup=asdict(dedup) if dedup else None,
+    )
+    write_summary(layout, [result], reports)
+    return result
+
+
+def run_segment(config: RunConfig) -> StageRunResult:
+    """Propose regions for every crawl shard whose segment shard is missing or stale."""
+    started = time.perf_counter()
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks = plan_segment(layout)
+    if not tasks:
+        raise ValueError(f"{config.run_root} has no crawl shards to segment: run 'ps3-engine crawl' first")
+    reports = _execute(config, layout, "segment", tasks)
+    result = summarise(layout, "segment", reports, len(tasks), time.perf_counter() - started)
     write_summary(layout, [result], reports)
     return result
 
@@ -140,6 +196,9 @@ def _retry_tasks(layout: RunLayout) -> list[ShardTask]:
     return tasks
 
 
+STAGE_RUNNERS = {"crawl": run_crawl, "segment": run_segment}
+
+
 def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> list[StageRunResult]:
     """Run the requested stages in order. Stages not implemented yet are reported, not faked."""
     missing = [s for s in stages if s not in IMPLEMENTED_STAGES]
@@ -148,18 +207,26 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> li
             "stages %s are not implemented yet; running %s", missing, [s for s in stages if s not in missing]
         )
     results = []
-    if "crawl" in stages:
-        results.append(run_crawl(config))
+    for stage in stages:
+        if stage in STAGE_RUNNERS:
+            results.append(STAGE_RUNNERS[stage](config))
+            if results[-1].failed_shards:
+                logger.error(
+                    "%s: %d shards failed; later stages run on the rest", stage, len(results[-1].failed_shards)
+                )
     return results
 
 
 def write_summary(layout: RunLayout, results: list[StageRunResult], reports: list[ShardReport]) -> dict:
-    summary = {
-        "written_at": datetime.now(UTC).isoformat(),
-        "stages": {r.stage: r.to_dict() for r in results},
-        "failed_shards": [
-            {"stage": r.stage, "shard_id": r.shard_id, "message": r.message} for r in reports if r.status == "failed"
-        ],
-    }
+    """Update ``summary.json`` with these stages' results (other stages' entries are kept)."""
+    summary: dict[str, Any] = {"stages": {}, "failed_shards": []}
+    if layout.storage.exists(layout.SUMMARY_KEY):
+        summary = layout.storage.read_json(layout.SUMMARY_KEY)
+    updated = {r.stage for r in results}
+    summary["stages"].update({r.stage: r.to_dict() for r in results})
+    summary["failed_shards"] = [f for f in summary.get("failed_shards", []) if f["stage"] not in updated] + [
+        {"stage": r.stage, "shard_id": r.shard_id, "message": r.message} for r in reports if r.status == "failed"
+    ]
+    summary["written_at"] = datetime.now(UTC).isoformat()
     layout.storage.write_json_atomic(layout.SUMMARY_KEY, summary)
     return summary

@@ -68,6 +68,9 @@ def run_shard(stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str
     began = time.perf_counter()
     try:
         table = conform_table(layout.storage.read_parquet(task.input_key), stage.input_schema)
+        if task.exclude_item_ids:
+            keep = pc.invert(pc.is_in(table.column("item_id"), pa.array(list(task.exclude_item_ids), pa.string())))
+            table = table.filter(keep)
         if task.mode == "retry_transient":
             return _retry_transient(stage, layout, task, fingerprint, table, began)
         context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)

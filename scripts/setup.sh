@@ -23,3 +23,7 @@ target="."
 [ -n "$extras" ] && target=".[${extras}]"
 echo "setup: installing ${target} into .venv" >&2
 quiet_pip -e "$target"
+if [[ "$extras" == *models* ]] && ! .venv/bin/python -c "import sam2" 2>/dev/null; then
+  echo "setup: installing sam2 (pure Python build, no CUDA extension)" >&2
+  SAM2_BUILD_CUDA=0 quiet_pip --no-build-isolation --no-deps "sam2>=1.1"
+fi

@@ -25,7 +25,7 @@ def test_console_script_help_runs():
     assert "--retry-failed" in result.stdout and "--input" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["segment", "caption", "build-corpus"])
+@pytest.mark.parametrize("command", ["caption", "build-corpus"])
 def test_unbuilt_stages_say_so_and_fail(command, capsys, tmp_path):
     assert main([command, "--run-root", str(tmp_path)]) == 2
     assert "not implemented yet" in capsys.readouterr().err

@@ -1,0 +1,223 @@
+"""Segment stage: image rows -> the PS3 salient boxes of each image (region rows).
+
+Per image: decode a downscaled working copy (JPEG DCT scaling, so a 4K image is never decoded at full
+size), propose masks with the configured backend (SAM2, or the weight-free classical segmenter), score
+the candidate grid with the PS3 rule in full-resolution pixels and keep the top-k non-overlapping boxes.
+Images are grouped into model batches by working-pixel count; a batch that runs out of memory is split
+and retried. An image that cannot be decoded or segmented, or that has no salient box, becomes an
+error row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.storage import S3Settings, read_uri_bytes
+from schemas import IMAGE_SCHEMA, REGION_SCHEMA, rows_to_table
+from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
+from stages.geometry import BoxXYXY
+from stages.imaging import ImageRejected, load_rgb
+from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
+from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, _is_out_of_memory
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["classical", "sam2"] = "classical"
+    mask_max_side: int = Field(1024, ge=32, description="long side of the working copy masks are computed on")
+    box_side_fraction: float = Field(0.2, gt=0, le=1, description="candidate square side / image short side")
+    aspect_ratios: tuple[float, ...] = (1.5,)
+    top_k: int = Field(4, ge=1)
+    mask_area_floor: float = Field(DEFAULT_MASK_AREA_FLOOR, gt=0, description="full-res px (paper: 40x40)")
+    max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1, description="working pixels per model batch")
+    batch_size: int = Field(8, ge=1, description="images handed to the stage at a time")
+    max_workers: int | None = Field(None, ge=1)
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per SAM2 worker when a GPU is used")
+    sam2: Sam2Settings = Sam2Settings()
+    classical: ClassicalSettings = ClassicalSettings()
+    s3: S3Settings = S3Settings()
+
+    def backend_settings(self) -> dict[str, Any]:
+        backend = self.sam2 if self.backend == "sam2" else self.classical
+        settings = backend.model_dump(mode="json", exclude={"weights_cache_dir", "device"})
+        selection = self.model_dump(
+            mode="json", include={"mask_max_side", "box_side_fraction", "aspect_ratios", "top_k", "mask_area_floor"}
+        )
+        return {"backend": settings, "selection": selection}
+
+
+def region_id_for(image_id: str, box: BoxXYXY) -> str:
+    return hashlib.sha256(f"{image_id}:{box.x0},{box.y0},{box.x1},{box.y1}".encode()).hexdigest()[:32]
+
+
+def select_regions(masks, width: int, height: int, config: SegmentConfig) -> list[tuple[BoxXYXY, float]]:
+    """The PS3 rule on one image's masks: ``(box, score)`` best first."""
+    boxes = candidate_boxes(width, height, config.box_side_fraction, config.aspect_ratios)
+    scores = box_scores(masks.areas(), masks.inside_areas(boxes), float(width * height), config.mask_area_floor)
+    return [(boxes[i], float(scores[i])) for i in select_top_boxes(boxes, scores, config.top_k)]
+
+
+def pixel_batches(sizes: list[int], budget: int) -> list[list[int]]:
+    """Group consecutive indices so each group's pixel sum stays within ``budget`` (at least one each)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+class SegmentStage(Stage):
+    name: ClassVar[str] = "segment"
+    input_schema: ClassVar[pa.Schema] = IMAGE_SCHEMA
+    output_schema: ClassVar[pa.Schema] = REGION_SCHEMA
+    config_model: ClassVar[type[BaseModel]] = SegmentConfig
+    operational_fields: ClassVar[frozenset[str]] = frozenset(
+        {"max_batch_pixels", "batch_size", "max_workers", "num_gpus", "s3"}
+    )
+
+    config: SegmentConfig
+
+    def __init__(self, config: SegmentConfig) -> None:
+        super().__init__(config)
+        self._segmenter: Sam2Segmenter | ClassicalSegmenter | None = None
+
+    @property
+    def resources(self) -> Resources:
+        uses_sam2 = self.config.backend == "sam2"
+        gpus = self.config.num_gpus if uses_sam2 and self.config.sam2.device != "cpu" and _cuda_available() else 0.0
+        return Resources(
+            num_cpus=1.0,
+            num_gpus=gpus,
+            uses_model=uses_sam2,
+            max_workers=self.config.max_workers,
+            batch_size=self.config.batch_size,
+        )
+
+    def setup(self) -> None:
+        if self.config.backend == "sam2":
+            self._segmenter = Sam2Segmenter(self.config.sam2, self.config.s3)
+        else:
+            self._segmenter = ClassicalSegmenter(self.config.classical)
+        self._segmenter.setup()
+
+    def process_batch(self, batch: pa.Table, context: ShardContext) -> BatchResult:
+        if self._segmenter is None:
+            self.setup()
+        regions: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        decoded: list[tuple[dict[str, Any], np.ndarray]] = []
+        for row in batch.to_pylist():
+            try:
+                decoded.append((row, self._working_copy(row)))
+            except (ImageRejected, OSError, ValueError) as exc:
+                errors.append(self._error(context, row, "undecodable", str(exc)))
+        sizes = [image.shape[0] * image.shape[1] for _, image in decoded]
+        for group in pixel_batches(sizes, self.config.max_batch_pixels):
+            self._segment_group([decoded[i] for i in group], context, regions, errors)
+        return BatchResult(rows_to_table(regions, REGION_SCHEMA), errors_table(errors))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _working_copy(self, row: dict[str, Any]) -> np.ndarray:
+        data = row["image_bytes"]
+        if data is None:
+            ref = row["image_ref"] or ""
+            if ref.startswith(("http://", "https://")):
+                raise ValueError("image is stored as an http reference; crawl with crawl.image_storage=bytes")
+            data = read_uri_bytes(ref, self.config.s3)
+        return np.asarray(load_rgb(data, max_side=self.config.mask_max_side))
+
+    def _error(
+        self, context: ShardContext, row: dict[str, Any], reason: str, message: str, category: str = "failed"
+    ) -> dict[str, Any]:
+        return error_row(
+            context,
+            item_id=row["image_id"],
+            input_ref=row["source_ref"],
+            reason=reason,
+            message=message,
+            category=category,
+        )
+
+    def _segment_group(
+        self,
+        group: list[tuple[dict[str, Any], np.ndarray]],
+        context: ShardContext,
+        regions: list[dict[str, Any]],
+        errors: list[dict[str, Any]],
+    ) -> None:
+        """Segment a pixel-budgeted group; on out-of-memory split it in halves and retry."""
+        assert self._segmenter is not None
+        try:
+            results = [self._segmenter.masks(image, row["width"], row["height"]) for row, image in group]
+        except (RuntimeError, MemoryError) as exc:
+            if not _is_out_of_memory(exc):
+                if len(group) == 1:
+                    errors.append(self._error(context, group[0][0], "segmenter_error", f"{type(exc).__name__}: {exc}"))
+                    return
+                for item in group:
+                    self._segment_group([item], context, regions, errors)
+                return
+            if len(group) == 1:
+                errors.append(self._error(context, group[0][0], "out_of_memory", str(exc)))
+                return
+            middle = len(group) // 2
+            logger.warning("segment: out of memory on %d images, splitting", len(group))
+            self._segment_group(group[:middle], context, regions, errors)
+            self._segment_group(group[middle:], context, regions, errors)
+            return
+        settings_json = json.dumps(self.config.backend_settings(), sort_keys=True)
+        for (row, _), masks in zip(group, results, strict=True):
+            selected = select_regions(masks, row["width"], row["height"], self.config)
+            if not selected:
+                errors.append(
+                    self._error(
+                        context,
+                        row,
+                        "no_salient_region",
+                        f"{masks.num_masks} masks, no box with a positive score",
+                        "filtered",
+                    )
+                )
+                continue
+            for rank, (box, score) in enumerate(selected):
+                regions.append(
+                    {
+                        "region_id": region_id_for(row["image_id"], box),
+                        "image_id": row["image_id"],
+                        "shard_id": context.shard_id,
+                        "x0": box.x0,
+                        "y0": box.y0,
+                        "x1": box.x1,
+                        "y1": box.y1,
+                        "score": score,
+                        "rank": rank,
+                        "backend": self.config.backend,
+                        "backend_settings_json": settings_json,
+                    }
+                )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -1,0 +1,158 @@
+"""SAM2 automatic mask generation (the ``sam2`` package), with the PS3 paper's settings as defaults.
+
+Weights come from a local path, an ``s3://`` URI (downloaded once into a local cache through the
+storage seam) or ``hf://<repo>/<file>`` (the Hugging Face cache/hub). Random weights are only used
+when explicitly allowed (tests), never as a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.storage import S3Settings, is_s3_uri, read_uri_bytes
+from stages.segmenters.masks import MaskSet
+
+logger = logging.getLogger(__name__)
+
+SAM2_NATIVE_IMAGE_SIZE = 1024
+MIN_POINTS_PER_BATCH = 4
+
+
+class Sam2Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_cfg: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    checkpoint: str | None = Field(None, description="local path, s3:// URI or hf://<repo>/<file>")
+    allow_random_weights: bool = Field(False, description="tests only: build without a checkpoint")
+    image_size: int = Field(SAM2_NATIVE_IMAGE_SIZE, ge=64, description="model input size (1024 for real weights)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    points_per_side: int = Field(24, ge=1)
+    points_per_batch: int = Field(128, ge=1)
+    crop_n_layers: int = Field(1, ge=0)
+    crop_n_points_downscale_factor: int = Field(1, ge=1)
+    pred_iou_thresh: float = 0.6
+    stability_score_thresh: float = 0.85
+    min_mask_region_area: int = Field(0, ge=0)
+    weights_cache_dir: str = Field(default_factory=lambda: str(Path.home() / ".cache" / "ps3-engine" / "weights"))
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("segment.sam2.device is 'cuda' but no CUDA device is visible")
+    return requested
+
+
+def resolve_checkpoint(settings: Sam2Settings, s3: S3Settings | None = None) -> str | None:
+    """A local file path for the configured checkpoint (None only when random weights are allowed)."""
+    source = settings.checkpoint
+    if source is None:
+        if settings.allow_random_weights:
+            logger.warning("SAM2 with RANDOM weights (allow_random_weights=true): for tests only")
+            return None
+        raise ValueError(
+            "no SAM2 checkpoint: set segment.sam2.checkpoint to a local path, an s3:// URI or hf://<repo>/<file> "
+            "(e.g. hf://facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt)"
+        )
+    if is_s3_uri(source):
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        local = Path(settings.weights_cache_dir) / digest / Path(source).name
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_suffix(local.suffix + ".partial")
+            partial.write_bytes(read_uri_bytes(source, s3))
+            partial.replace(local)
+        return str(local)
+    if source.startswith("hf://"):
+        repo_and_file = source.removeprefix("hf://")
+        repo_id, _, filename = repo_and_file.rpartition("/")
+        if not repo_id or not filename:
+            raise ValueError(f"hf checkpoint {source!r} must look like hf://<owner>/<repo>/<file>")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return hf_hub_download(repo_id, filename)
+        except Exception as exc:
+            raise ValueError(f"SAM2 checkpoint {source} not found in the Hugging Face cache or hub: {exc}") from exc
+    if not Path(source).is_file():
+        raise ValueError(f"SAM2 checkpoint {source!r} does not exist")
+    return source
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+class Sam2Segmenter:
+    def __init__(self, settings: Sam2Settings, s3: S3Settings | None = None) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self._generator: Any = None
+        self._points_per_batch = settings.points_per_batch
+
+    def setup(self) -> None:
+        import torch
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+        from sam2.build_sam import build_sam2
+
+        device = resolve_device(self.settings.device)
+        checkpoint = resolve_checkpoint(self.settings, self.s3)
+        overrides = []
+        if self.settings.image_size != SAM2_NATIVE_IMAGE_SIZE:
+            overrides.append(f"++model.image_size={self.settings.image_size}")
+        if checkpoint is None:
+            torch.manual_seed(0)  # random weights, but the same ones in every worker
+        model = build_sam2(
+            self.settings.model_cfg, ckpt_path=checkpoint, device=device, mode="eval", hydra_overrides_extra=overrides
+        )
+        self._generator = SAM2AutomaticMaskGenerator(
+            model,
+            points_per_side=self.settings.points_per_side,
+            points_per_batch=self._points_per_batch,
+            crop_n_layers=self.settings.crop_n_layers,
+            crop_n_points_downscale_factor=self.settings.crop_n_points_downscale_factor,
+            pred_iou_thresh=self.settings.pred_iou_thresh,
+            stability_score_thresh=self.settings.stability_score_thresh,
+            min_mask_region_area=self.settings.min_mask_region_area,
+        )
+        if self.settings.image_size != SAM2_NATIVE_IMAGE_SIZE:
+            # SAM2ImagePredictor hard-codes the backbone feature sizes of a 1024 input.
+            size = self.settings.image_size
+            self._generator.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
+        logger.info("SAM2 ready on %s (%s, checkpoint %s)", device, self.settings.model_cfg, checkpoint)
+
+    def masks(self, image_rgb: np.ndarray, full_width: int, full_height: int) -> MaskSet:
+        """Run AMG; on out-of-memory halve the prompt batch and retry instead of failing the image."""
+        import torch
+
+        if self._generator is None:
+            self.setup()
+        while True:
+            try:
+                with torch.inference_mode():
+                    proposals = self._generator.generate(image_rgb)
+                break
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_out_of_memory(exc) or self._points_per_batch <= MIN_POINTS_PER_BATCH:
+                    raise
+                self._points_per_batch //= 2
+                self._generator.points_per_batch = self._points_per_batch
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                logger.warning("SAM2 out of memory: retrying with points_per_batch=%d", self._points_per_batch)
+        height, width = image_rgb.shape[:2]
+        stack = (
+            np.stack([p["segmentation"] for p in proposals]).astype(bool)
+            if proposals
+            else np.zeros((0, height, width), dtype=bool)
+        )
+        return MaskSet(full_width=full_width, full_height=full_height, stack=stack)
