@@ -134,7 +134,9 @@ def summarise(
 
 def _execute(config: RunConfig, layout: RunLayout, stage: str, tasks: list[ShardTask]) -> list[ShardReport]:
     spec = stage_specs(config)[stage]
-    fingerprint = spec.build().fingerprint()
+    stage_instance = spec.build()
+    stage_instance.preflight()
+    fingerprint = stage_instance.fingerprint()
     pending = tasks if tasks and tasks[0].mode != "compute" else pending_tasks(layout, tasks, fingerprint)
     logger.info("%s: %d shards planned, %d to compute", stage, len(tasks), len(pending))
     return list(make_executor(config.executor).run(spec, layout.storage, fingerprint, pending))

@@ -54,3 +54,45 @@ def write_scenes(
             synthetic_scene(width, height, seed + index).save(path, "JPEG", quality=quality)
         paths.append(path)
     return paths
+
+
+def planted_scene(width: int, height: int, seed: int, num_patches: int = 3) -> tuple[Image.Image, list[tuple]]:
+    """A smooth scene with ``num_patches`` small detailed patches (tiny text and dots) planted at random.
+
+    Returns the image and the planted patches' ``(x0, y0, x1, y1)`` boxes, the ground truth a salient
+    region proposer should find. Large flat shapes are added as distractors.
+    """
+    rng = random.Random(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    c0 = np.array([rng.randint(40, 215) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(40, 215) for _ in range(3)], dtype=np.float32)
+    t = ((xs / max(width - 1, 1)) * 0.5 + (ys / max(height - 1, 1)) * 0.5)[..., None]
+    img = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    short = min(width, height)
+    for _ in range(3):
+        size = rng.randint(short // 8, short // 4)
+        x0, y0 = rng.randint(0, width - size), rng.randint(0, height - size)
+        draw.ellipse([x0, y0, x0 + size, y0 + size], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    patch = max(32, short // 8)
+    font = ImageFont.load_default(size=max(8, patch // 14))
+    planted: list[tuple] = []
+    attempts = 0
+    while len(planted) < num_patches and attempts < 1000:
+        attempts += 1
+        x0, y0 = rng.randint(0, width - patch), rng.randint(0, height - patch)
+        box = (x0, y0, x0 + patch, y0 + patch)
+        if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in planted):
+            continue
+        draw.rectangle(box, fill=(245, 245, 240))
+        line_height = max(9, patch // 10)
+        for line in range(patch // line_height - 1):
+            text = " ".join(rng.choice(["id", "42", "scan", "4K", "lot", "7b", "ps3"]) for _ in range(6))
+            draw.text((x0 + 2, y0 + 2 + line * line_height), text, fill=(10, 10, 10), font=font)
+        for _ in range(20):
+            cx, cy = x0 + rng.randint(2, patch - 3), y0 + rng.randint(2, patch - 3)
+            radius = rng.randint(1, max(2, patch // 40))
+            colour = tuple(rng.randint(0, 255) for _ in range(3))
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+        planted.append(box)
+    return img, planted

@@ -97,6 +97,9 @@ class Stage(ABC):
     @abstractmethod
     def resources(self) -> Resources: ...
 
+    def preflight(self) -> None:
+        """Cheap checks run once in the driver before any worker starts (e.g. weights exist)."""
+
     def setup(self) -> None:
         """Load heavy state (models, clients) once per worker. Default: nothing."""
 

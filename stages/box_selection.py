@@ -23,30 +23,41 @@ DEFAULT_MASK_AREA_FLOOR = 40 * 40
 
 
 def candidate_boxes(
-    width: int, height: int, side_fraction: float = 0.2, aspect_ratios: tuple[float, ...] = (1.5,)
+    width: int,
+    height: int,
+    side_fraction: float = 0.2,
+    aspect_ratios: tuple[float, ...] = (1.5,),
+    stride_fraction: float = 1.0,
 ) -> list[BoxXYXY]:
-    """Grid squares (side = ``side_fraction`` x short side, stride = side) plus same-area w:h variants.
+    """Grid squares (side = ``side_fraction`` x short side) plus same-area w:h variants at each position.
 
-    The grid is centred: the leftover margin (less than one side) is split evenly on both ends.
+    ``stride_fraction`` = 1 is the paper's grid (stride = side: squares touch, never overlap); smaller
+    values add positions in between (candidates then overlap, the selected boxes still do not).
+    The grid is centred: the leftover margin is split evenly on both ends.
     Each ratio ``r`` adds an ``r:1`` and a ``1:r`` box at every position.
     """
     if not 0 < side_fraction <= 1:
         raise ValueError(f"side_fraction must be in (0, 1], got {side_fraction}")
+    if not 0 < stride_fraction <= 1:
+        raise ValueError(f"stride_fraction must be in (0, 1], got {stride_fraction}")
     side = max(1, round(min(width, height) * side_fraction))
-    cols, rows = width // side, height // side
-    offset_x, offset_y = (width - cols * side) // 2, (height - rows * side) // 2
+    stride = max(1, round(side * stride_fraction))
+    cols, rows = (width - side) // stride + 1, (height - side) // stride + 1
+    offset_x = (width - (side + (cols - 1) * stride)) // 2
+    offset_y = (height - (side + (rows - 1) * stride)) // 2
     shapes = [(side, side)]
     for ratio in aspect_ratios:
-        long_side = min(max(width, height), round(side * math.sqrt(ratio)))
+        long_side = round(side * math.sqrt(ratio))
         short_side = max(1, round(side * side / long_side))
         for box_w, box_h in ((long_side, short_side), (short_side, long_side)):
-            if box_w <= width and box_h <= height:
+            # A variant that cannot fit would have to shrink and lose the equal-area property: skip it.
+            if box_w <= width and box_h <= height and (box_w, box_h) not in shapes:
                 shapes.append((box_w, box_h))
     boxes = []
     for row in range(rows):
         for col in range(cols):
-            cx = offset_x + col * side + side / 2
-            cy = offset_y + row * side + side / 2
+            cx = offset_x + col * stride + side / 2
+            cy = offset_y + row * stride + side / 2
             boxes.extend(box_centered_at(cx, cy, w, h, width, height) for w, h in shapes)
     return boxes
 

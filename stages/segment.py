@@ -26,7 +26,7 @@ from stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_
 from stages.geometry import BoxXYXY
 from stages.imaging import ImageRejected, load_rgb
 from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
-from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, _is_out_of_memory
+from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, check_checkpoint_source, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class SegmentConfig(BaseModel):
     mask_max_side: int = Field(1024, ge=32, description="long side of the working copy masks are computed on")
     box_side_fraction: float = Field(0.2, gt=0, le=1, description="candidate square side / image short side")
     aspect_ratios: tuple[float, ...] = (1.5,)
+    grid_stride_fraction: float = Field(1.0, gt=0, le=1, description="1 = paper (touching squares)")
     top_k: int = Field(4, ge=1)
     mask_area_floor: float = Field(DEFAULT_MASK_AREA_FLOOR, gt=0, description="full-res px (paper: 40x40)")
     max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1, description="working pixels per model batch")
@@ -52,7 +53,15 @@ class SegmentConfig(BaseModel):
         backend = self.sam2 if self.backend == "sam2" else self.classical
         settings = backend.model_dump(mode="json", exclude={"weights_cache_dir", "device"})
         selection = self.model_dump(
-            mode="json", include={"mask_max_side", "box_side_fraction", "aspect_ratios", "top_k", "mask_area_floor"}
+            mode="json",
+            include={
+                "mask_max_side",
+                "box_side_fraction",
+                "aspect_ratios",
+                "grid_stride_fraction",
+                "top_k",
+                "mask_area_floor",
+            },
         )
         return {"backend": settings, "selection": selection}
 
@@ -63,7 +72,7 @@ def region_id_for(image_id: str, box: BoxXYXY) -> str:
 
 def select_regions(masks, width: int, height: int, config: SegmentConfig) -> list[tuple[BoxXYXY, float]]:
     """The PS3 rule on one image's masks: ``(box, score)`` best first."""
-    boxes = candidate_boxes(width, height, config.box_side_fraction, config.aspect_ratios)
+    boxes = candidate_boxes(width, height, config.box_side_fraction, config.aspect_ratios, config.grid_stride_fraction)
     scores = box_scores(masks.areas(), masks.inside_areas(boxes), float(width * height), config.mask_area_floor)
     return [(boxes[i], float(scores[i])) for i in select_top_boxes(boxes, scores, config.top_k)]
 
@@ -110,6 +119,11 @@ class SegmentStage(Stage):
             max_workers=self.config.max_workers,
             batch_size=self.config.batch_size,
         )
+
+    def preflight(self) -> None:
+        """Fail in the driver, before any worker starts, when the SAM2 weights cannot be found."""
+        if self.config.backend == "sam2":
+            check_checkpoint_source(self.config.sam2)
 
     def setup(self) -> None:
         if self.config.backend == "sam2":
@@ -166,9 +180,9 @@ class SegmentStage(Stage):
         """Segment a pixel-budgeted group; on out-of-memory split it in halves and retry."""
         assert self._segmenter is not None
         try:
-            results = [self._segmenter.masks(image, row["width"], row["height"]) for row, image in group]
+            results = self._segmenter.masks_batch([(image, row["width"], row["height"]) for row, image in group])
         except (RuntimeError, MemoryError) as exc:
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 if len(group) == 1:
                     errors.append(self._error(context, group[0][0], "segmenter_error", f"{type(exc).__name__}: {exc}"))
                     return

@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("project", deadline=None, max_examples=60)
+settings.load_profile("project")
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -55,3 +59,19 @@ def zoo(zoo_assets_dir):
 
     with serve_zoo(zoo_assets_dir) as server:
         yield server
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly on CPU machines."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -28,6 +28,9 @@ class ClassicalSegmenter:
     def setup(self) -> None:
         from skimage.segmentation import felzenszwalb  # noqa: F401 - fail at setup, not mid-shard
 
+    def masks_batch(self, images: list[tuple[np.ndarray, int, int]]) -> list[MaskSet]:
+        return [self.masks(image, full_width, full_height) for image, full_width, full_height in images]
+
     def masks(self, image_rgb: np.ndarray, full_width: int, full_height: int) -> MaskSet:
         from skimage.segmentation import felzenszwalb
 

@@ -52,6 +52,31 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def check_checkpoint_source(settings: Sam2Settings) -> None:
+    """Cheap driver-side validation of the checkpoint setting (no download, no model build)."""
+    source = settings.checkpoint
+    if source is None:
+        if not settings.allow_random_weights:
+            raise ValueError(NO_CHECKPOINT_MESSAGE)
+    elif source.startswith("hf://"):
+        _split_hf(source)
+    elif not is_s3_uri(source) and not Path(source).is_file():
+        raise ValueError(f"SAM2 checkpoint {source!r} does not exist")
+
+
+NO_CHECKPOINT_MESSAGE = (
+    "no SAM2 checkpoint: set segment.sam2.checkpoint to a local path, an s3:// URI or hf://<repo>/<file> "
+    "(e.g. hf://facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt), or use segment.backend=classical"
+)
+
+
+def _split_hf(source: str) -> tuple[str, str]:
+    repo_id, _, filename = source.removeprefix("hf://").rpartition("/")
+    if not repo_id or not filename:
+        raise ValueError(f"hf checkpoint {source!r} must look like hf://<owner>/<repo>/<file>")
+    return repo_id, filename
+
+
 def resolve_checkpoint(settings: Sam2Settings, s3: S3Settings | None = None) -> str | None:
     """A local file path for the configured checkpoint (None only when random weights are allowed)."""
     source = settings.checkpoint
@@ -59,10 +84,7 @@ def resolve_checkpoint(settings: Sam2Settings, s3: S3Settings | None = None) -> 
         if settings.allow_random_weights:
             logger.warning("SAM2 with RANDOM weights (allow_random_weights=true): for tests only")
             return None
-        raise ValueError(
-            "no SAM2 checkpoint: set segment.sam2.checkpoint to a local path, an s3:// URI or hf://<repo>/<file> "
-            "(e.g. hf://facebook/sam2.1-hiera-large/sam2.1_hiera_large.pt)"
-        )
+        raise ValueError(NO_CHECKPOINT_MESSAGE)
     if is_s3_uri(source):
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         local = Path(settings.weights_cache_dir) / digest / Path(source).name
@@ -73,10 +95,7 @@ def resolve_checkpoint(settings: Sam2Settings, s3: S3Settings | None = None) -> 
             partial.replace(local)
         return str(local)
     if source.startswith("hf://"):
-        repo_and_file = source.removeprefix("hf://")
-        repo_id, _, filename = repo_and_file.rpartition("/")
-        if not repo_id or not filename:
-            raise ValueError(f"hf checkpoint {source!r} must look like hf://<owner>/<repo>/<file>")
+        repo_id, filename = _split_hf(source)
         from huggingface_hub import hf_hub_download
 
         try:
@@ -88,7 +107,7 @@ def resolve_checkpoint(settings: Sam2Settings, s3: S3Settings | None = None) -> 
     return source
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -130,6 +149,10 @@ class Sam2Segmenter:
             self._generator.predictor._bb_feat_sizes = [(size // 4,) * 2, (size // 8,) * 2, (size // 16,) * 2]
         logger.info("SAM2 ready on %s (%s, checkpoint %s)", device, self.settings.model_cfg, checkpoint)
 
+    def masks_batch(self, images: list[tuple[np.ndarray, int, int]]) -> list[MaskSet]:
+        """AMG prompts one image at a time (its batching is over point prompts, ``points_per_batch``)."""
+        return [self.masks(image, full_width, full_height) for image, full_width, full_height in images]
+
     def masks(self, image_rgb: np.ndarray, full_width: int, full_height: int) -> MaskSet:
         """Run AMG; on out-of-memory halve the prompt batch and retry instead of failing the image."""
         import torch
@@ -142,7 +165,7 @@ class Sam2Segmenter:
                     proposals = self._generator.generate(image_rgb)
                 break
             except (RuntimeError, MemoryError) as exc:
-                if not _is_out_of_memory(exc) or self._points_per_batch <= MIN_POINTS_PER_BATCH:
+                if not is_out_of_memory(exc) or self._points_per_batch <= MIN_POINTS_PER_BATCH:
                     raise
                 self._points_per_batch //= 2
                 self._generator.points_per_batch = self._points_per_batch
