@@ -242,7 +242,7 @@ def test_real_sam2_on_gpu(planted_folder, tmp_path):
     checkpoint = os.environ.get("PS3_SAM2_CHECKPOINT")
     if not torch.cuda.is_available() or not checkpoint:
         pytest.skip("needs a CUDA GPU and PS3_SAM2_CHECKPOINT (sam2.1_hiera_large.pt)")
-    folder, planted = planted_folder
+    folder, _ = planted_folder
     config = crawled_run(folder, tmp_path / "run", "segment.backend=sam2", f"segment.sam2.checkpoint={checkpoint}")
     result = run_segment(config)
     assert result.failed_shards == [] and result.output_rows >= 3
