@@ -26,13 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.report import machine_description, replace_doc_section  # noqa: E402
-from pipeline.samples import planted_scene  # noqa: E402
-from stages.geometry import BoxXYXY, iou  # noqa: E402
-from stages.imaging import load_rgb  # noqa: E402
-from stages.segment import SegmentConfig, select_regions  # noqa: E402
-from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings  # noqa: E402
-from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings  # noqa: E402
+from benchmarks.report import machine_description, replace_doc_section
+from pipeline.samples import planted_scene
+from stages.geometry import BoxXYXY, iou
+from stages.imaging import load_rgb
+from stages.segment import SegmentConfig, select_regions
+from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
+from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings
 
 logger = logging.getLogger("benchmarks.segment")
 SIZE = (3840, 2160)
