@@ -93,8 +93,13 @@ def main() -> None:
     classical_result = run_backend(classical, scenes, configs, 1024)
 
     sam2_settings = Sam2Settings(
-        model_cfg="configs/sam2.1/sam2.1_hiera_l.yaml", allow_random_weights=True, device="cpu",
-        points_per_side=args.sam2_points, crop_n_layers=0, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        model_cfg="configs/sam2.1/sam2.1_hiera_l.yaml",
+        allow_random_weights=True,
+        device="cpu",
+        points_per_side=args.sam2_points,
+        crop_n_layers=0,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
     )
     sam2 = Sam2Segmenter(sam2_settings)
     sam2.setup()
@@ -116,26 +121,28 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        body = "\n".join([
-            f"Command: `.venv/bin/python benchmarks/segment.py --images {args.images} --sam2-images "
-            f"{args.sam2_images} --sam2-points {args.sam2_points} --write-docs`",
-            "",
-            machine_description(),
-            "",
-            table,
-            "",
-            f"Scenes: {args.images} JPEGs of {SIZE[0]}x{SIZE[1]} with 3 planted ~270 px detail patches each "
-            f"({classical_result['patches']} patches). Times include the JPEG decode of the 1024 px working copy, "
-            "mask proposal, candidate scoring and selection, one process, one image at a time.",
-            "",
-            "Reading: the classical backend costs about a second per 4K image on one core. With the paper's grid "
-            "(touching squares of 1/5 of the short side) most planted patches fall inside a selected box (centre "
-            "hit), but a patch that straddles two grid cells often stays below IoU 0.3 with any single box; the "
-            "`segment.grid_stride_fraction=0.5` option (overlapping candidates, selected boxes still disjoint) "
-            "recovers most of them. SAM2 on CPU is far slower, and grows about linearly with the number of point "
-            "prompts: the paper's settings (24x24 points plus one crop layer, about 5x as many prompts again) are "
-            "for GPUs. Python " + platform.python_version() + ".",
-        ])
+        body = "\n".join(
+            [
+                f"Command: `.venv/bin/python benchmarks/segment.py --images {args.images} --sam2-images "
+                f"{args.sam2_images} --sam2-points {args.sam2_points} --write-docs`",
+                "",
+                machine_description(),
+                "",
+                table,
+                "",
+                f"Scenes: {args.images} JPEGs of {SIZE[0]}x{SIZE[1]} with 3 planted ~270 px detail patches each "
+                f"({classical_result['patches']} patches). Times include the JPEG decode of the 1024 px working copy, "
+                "mask proposal, candidate scoring and selection, one process, one image at a time.",
+                "",
+                "Reading: the classical backend costs about a second per 4K image on one core. With the paper's grid "
+                "(touching squares of 1/5 of the short side) most planted patches fall inside a selected box (centre "
+                "hit), but a patch that straddles two grid cells often stays below IoU 0.3 with any single box; the "
+                "`segment.grid_stride_fraction=0.5` option (overlapping candidates, selected boxes still disjoint) "
+                "recovers most of them. SAM2 on CPU is far slower, and grows about linearly with the number of point "
+                "prompts: the paper's settings (24x24 points plus one crop layer, about 5x as many prompts again) are "
+                "for GPUs. Python " + platform.python_version() + ".",
+            ]
+        )
         replace_doc_section(Path("docs/benchmarks.md"), "Segment stage (benchmarks/segment.py)", body)
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from infra.storage import Storage
 from pipeline.layout import RunLayout, ShardTask
 from pipeline.shard_runner import ShardReport, StageSpec, run_shard
+from stages.base import Resources
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,21 @@ class RayDataExecutor:
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
 
-    def _num_workers(self, spec: StageSpec, num_tasks: int) -> int:
+    @staticmethod
+    def _fit_resources(resources: Resources, stage: str) -> Resources:
+        """Drop an optional GPU request on a GPU-less cluster; refuse a required one clearly."""
         import ray
 
-        resources = spec.build().resources
+        if resources.num_gpus and not ray.cluster_resources().get("GPU"):
+            if resources.gpu_optional:
+                logger.warning("%s: the Ray cluster has no GPU, running on CPU", stage)
+                return replace(resources, num_gpus=0.0)
+            raise ValueError(f"{stage} needs {resources.num_gpus} GPU per worker but the Ray cluster has none")
+        return resources
+
+    def _num_workers(self, resources: Resources, num_tasks: int) -> int:
+        import ray
+
         cluster = ray.cluster_resources()
         if resources.num_gpus:
             fit = int(cluster.get("GPU", 0) // resources.num_gpus)
@@ -133,8 +145,8 @@ class RayDataExecutor:
 
         ensure_ray(self.config.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        resources = spec.build().resources
-        num_workers = self._num_workers(spec, len(tasks))
+        resources = self._fit_resources(spec.build().resources, spec.stage_cls.name)
+        num_workers = self._num_workers(resources, len(tasks))
         rows = [{"task": json.dumps(asdict(t))} for t in tasks]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}

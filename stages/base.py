@@ -31,6 +31,9 @@ class Resources:
     max_workers: int | None = None
     uses_model: bool = False
     batch_size: int = 64
+    # When True the stage also runs without a GPU (e.g. SAM2 with device "auto"): the executor drops
+    # the GPU request on a cluster that has none instead of waiting forever for one.
+    gpu_optional: bool = False
 
 
 @dataclass(frozen=True)

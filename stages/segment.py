@@ -111,13 +111,14 @@ class SegmentStage(Stage):
     @property
     def resources(self) -> Resources:
         uses_sam2 = self.config.backend == "sam2"
-        gpus = self.config.num_gpus if uses_sam2 and self.config.sam2.device != "cpu" and _cuda_available() else 0.0
+        gpus = self.config.num_gpus if uses_sam2 and self.config.sam2.device != "cpu" else 0.0
         return Resources(
             num_cpus=1.0,
             num_gpus=gpus,
             uses_model=uses_sam2,
             max_workers=self.config.max_workers,
             batch_size=self.config.batch_size,
+            gpu_optional=self.config.sam2.device == "auto",
         )
 
     def preflight(self) -> None:
@@ -227,11 +228,3 @@ class SegmentStage(Stage):
                         "backend_settings_json": settings_json,
                     }
                 )
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
