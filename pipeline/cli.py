@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, load_run_config
-from pipeline.runner import STAGE_ORDER, StageRunResult, run_crawl, run_pipeline, run_segment
+from pipeline.runner import (
+    STAGE_ORDER,
+    StageRunResult,
+    run_build_corpus,
+    run_caption,
+    run_crawl,
+    run_pipeline,
+    run_segment,
+)
 from pipeline.status import run_status
 
 logger = logging.getLogger("ps3-engine")
-
-NOT_YET = {
-    "caption": "issue #4 (MLLM captioning)",
-    "build-corpus": "issue #4 (corpus shards)",
-}
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +63,13 @@ def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
             f"{sum(result.errors_by_reason.values())} failed {result.errors_by_reason}"
         )
         print(f"[{result.stage}] wall {result.wall_s:.1f}s, {result.throughput_rows_per_s:.1f} items/s")
+        if result.dataset:
+            for split, counts in sorted(result.dataset["counts"].items()):
+                print(
+                    f"[dataset] {split}: {counts['images']} images, {counts['regions']} (box, caption) pairs, "
+                    f"{counts['global_captions']} global captions in {counts['shards']} shards"
+                )
+            print(f"[dataset] at {result.dataset['root']} (manifest.json, pairs/)")
     print(f"run root: {config.run_root} (summary.json, run.json)")
     return 1 if any(r.failed_shards for r in results) else 0
 
@@ -86,14 +96,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return _print_results(config, [run_segment(config)])
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return _print_results(config, [run_caption(config)])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, sources=args.input or None)
     return _print_results(config, run_pipeline(config))
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    print(f"ps3-engine {args.command}: not implemented yet, tracked in {NOT_YET[args.command]}", file=sys.stderr)
-    return 2
+def cmd_build_corpus(args: argparse.Namespace) -> int:
+    config = _load(args)
+    return _print_results(config, [run_build_corpus(config)])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -159,13 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(segment)
     segment.set_defaults(func=cmd_segment)
 
-    for name, text in (
-        ("caption", "caption every region crop (and each image) with a multimodal LLM"),
-        ("build-corpus", "write training-ready corpus shards (image + boxes + captions)"),
-    ):
-        stage = sub.add_parser(name, help=f"{text} [not implemented yet]", description=text)
-        _add_run_options(stage)
-        stage.set_defaults(func=cmd_not_yet)
+    caption = sub.add_parser(
+        "caption",
+        help="caption every region crop (and each image) with a multimodal LLM",
+        description="Crop every selected box from its full-resolution image and caption it with the paper's "
+        "two-image prompt (global image, crop), plus one global caption per image. caption.backend: "
+        "'vllm' (GPU, production), 'openai' (any OpenAI-compatible endpoint) or 'transformers' (CPU/GPU). "
+        "Outputs are cleaned; empty, truncated, refused and degenerate captions go to the errors table.",
+    )
+    _add_run_options(caption)
+    caption.set_defaults(func=cmd_caption)
+
+    corpus = sub.add_parser(
+        "build-corpus",
+        help="write training-ready corpus shards (image + boxes + captions)",
+        description="Join images, boxes and cleaned captions into one row per image, split train/validation "
+        "by image hash, pack into Parquet shards of about corpus.target_shard_bytes under <run>/dataset/, "
+        "with a flat (box, caption) pairs view and dataset/manifest.json (counts, sources, fingerprints).",
+    )
+    _add_run_options(corpus)
+    corpus.set_defaults(func=cmd_build_corpus)
 
     run = sub.add_parser(
         "run",

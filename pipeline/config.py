@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infra.storage import S3Settings
 from pipeline.executor import ExecutorConfig
+from stages.caption import CaptionConfig
+from stages.corpus import CorpusConfig
 from stages.crawl import CrawlConfig
 from stages.segment import SegmentConfig
 
@@ -28,6 +30,8 @@ class RunConfig(BaseModel):
     executor: ExecutorConfig = ExecutorConfig()
     crawl: CrawlConfig = CrawlConfig()
     segment: SegmentConfig = SegmentConfig()
+    caption: CaptionConfig = CaptionConfig()
+    corpus: CorpusConfig = CorpusConfig()
 
 
 class ConfigError(ValueError):
@@ -74,7 +78,18 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("ps3-engine", "ray", "pyarrow", "polars", "pydantic", "pillow", "urllib3"):
+    for package in (
+        "ps3-engine",
+        "ray",
+        "pyarrow",
+        "polars",
+        "pydantic",
+        "pillow",
+        "urllib3",
+        "torch",
+        "transformers",
+        "vllm",
+    ):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

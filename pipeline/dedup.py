@@ -3,10 +3,12 @@
 Runs after every crawl shard is committed, over the hash columns only. The decision is a pure
 function of the committed shards, so it is the same whatever order the shards were crawled in:
 
-* exact: among rows with one sha256, the first in (shard id, row) order is kept;
+* exact: among rows with one sha256, the first in (shard id, row) order stands for all of them;
 * near: pHashes within ``max_distance`` bits are linked (candidate pairs via LSH bands: with
   ``max_distance + 1`` bands, two hashes that close must agree exactly on at least one band), linked
   rows form clusters, and each cluster keeps its largest image (pixels, then bytes, then order).
+  Every other row of the cluster, byte copies included, is dropped against that one representative:
+  as ``duplicate_exact`` if it has the representative's sha256, else as ``near_duplicate``.
 
 Dropped rows are recorded as crawl error rows (category ``filtered``) in ``crawl/_dedup/``; later stages
 skip them. The result is fingerprinted by the crawl manifests it was computed from.
@@ -29,6 +31,8 @@ from stages.imaging import hamming_distance
 
 logger = logging.getLogger(__name__)
 
+# Rows of one LSH bucket compared pairwise, at most (the comparisons grow quadratically with the bucket);
+# rows past the cap in a bucket are only linked through their other bands, and a warning says so.
 MAX_BUCKET_COMPARISONS = 2000
 HASH_COLUMNS = ["item_id", "shard_id", "source_ref", "sha256", "phash", "width", "height", "num_bytes"]
 
@@ -65,39 +69,55 @@ class _UnionFind:
 
 
 def find_duplicates(rows: list[dict], max_distance: int) -> list[tuple[int, int, str, int]]:
-    """Return ``(dropped_index, kept_index, reason, distance)`` for ``rows`` given in canonical order."""
-    drops: list[tuple[int, int, str, int]] = []
+    """Return ``(dropped_index, kept_index, reason, distance)`` for ``rows`` given in canonical order.
+
+    Every dropped row points at the kept representative of its cluster (never at another dropped row);
+    ``reason`` is ``duplicate_exact`` when its sha256 equals the representative's, else ``near_duplicate``,
+    and ``distance`` is the pHash distance to the representative.
+    """
     first_by_digest: dict[str, int] = {}
     unique: list[int] = []
     for index, row in enumerate(rows):
-        kept = first_by_digest.setdefault(row["sha256"], index)
-        if kept != index:
-            drops.append((index, kept, "duplicate_exact", 0))
-        else:
+        if first_by_digest.setdefault(row["sha256"], index) == index:
             unique.append(index)
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for position, index in enumerate(unique):
         for key in _band_keys(rows[index]["phash"], max_distance + 1):
             buckets[key].append(position)
     links = _UnionFind(len(unique))
+    capped_sizes: list[int] = []
     for members in buckets.values():
+        if len(members) > MAX_BUCKET_COMPARISONS:
+            capped_sizes.append(len(members))
         head = members[:MAX_BUCKET_COMPARISONS]
         for i, a in enumerate(head):
             for b in head[i + 1 :]:
                 if hamming_distance(rows[unique[a]]["phash"], rows[unique[b]]["phash"]) <= max_distance:
                     links.union(a, b)
+    if capped_sizes:
+        logger.warning(
+            "dedup: %d LSH bucket(s) hold more than MAX_BUCKET_COMPARISONS=%d rows (largest: %d rows); "
+            "%d bucket entries past the cap were not compared, so some near duplicates may be missed",
+            len(capped_sizes),
+            MAX_BUCKET_COMPARISONS,
+            max(capped_sizes),
+            sum(size - MAX_BUCKET_COMPARISONS for size in capped_sizes),
+        )
     clusters: dict[int, list[int]] = defaultdict(list)
     for position in range(len(unique)):
         clusters[links.find(position)].append(unique[position])
+    representative: dict[int, int] = {}
     for members in clusters.values():
-        if len(members) < 2:
-            continue
         best = max(members, key=lambda i: (rows[i]["width"] * rows[i]["height"], rows[i]["num_bytes"], -i))
-        for index in members:
-            if index != best:
-                distance = hamming_distance(rows[index]["phash"], rows[best]["phash"])
-                drops.append((index, best, "near_duplicate", distance))
-    return sorted(drops)
+        representative.update(dict.fromkeys(members, best))
+    drops: list[tuple[int, int, str, int]] = []
+    for index, row in enumerate(rows):
+        kept = representative[first_by_digest[row["sha256"]]]
+        if kept == index:
+            continue
+        reason = "duplicate_exact" if row["sha256"] == rows[kept]["sha256"] else "near_duplicate"
+        drops.append((index, kept, reason, hamming_distance(row["phash"], rows[kept]["phash"])))
+    return drops
 
 
 def dedup_fingerprint(layout: RunLayout, max_distance: int) -> str:

@@ -1,6 +1,7 @@
 """The embedded default job: generated high-res images served on loopback, crawled on local Ray.
 
-``ps3-engine demo`` writes sample scenes plus a few bad inputs into ``<out>/site``, serves them from a
+``ps3-engine demo`` builds the tiny local captioner (``training/tiny_captioner.py``, once), writes
+sample scenes plus a few bad inputs into ``<out>/site``, serves them from a
 loopback HTTP server, writes a URL list and runs the pipeline with ``<out>/run`` as its run root. The
 crawl config opts in to loopback targets explicitly (refused by default).
 """
@@ -49,12 +50,22 @@ def prepare_site(out: Path, num_images: int) -> list[str]:
     return relative + _write_bad_inputs(site)
 
 
-def demo_config(out: Path, url_list: Path, executor: str, overrides: list[str]) -> RunConfig:
+# The tiny captioner sees small images: its processor works at 112x112, so send it no more.
+DEMO_CAPTION_MAX_PIXELS = 112 * 112
+
+
+def demo_config(out: Path, url_list: Path, executor: str, overrides: list[str], captioner: Path) -> RunConfig:
     defaults = [
+        f"caption.model={captioner}",
+        "caption.backend=transformers",
+        "caption.transformers.device=cpu",
+        f"caption.max_pixels={DEMO_CAPTION_MAX_PIXELS}",
+        "caption.sampling.max_new_tokens=48",
         f"run_root={out / 'run'}",
         f"sources=[{url_list}]",
         "crawl.http.allow_private_addresses=true",
         "crawl.shard_size=8",
+        "corpus.validation_fraction=0.2",
         f"executor.kind={executor}",
     ]
     return load_run_config(None, defaults + overrides)
@@ -65,10 +76,13 @@ def run_demo(
 ) -> tuple[RunConfig, list[StageRunResult]]:
     out = out.resolve()
     paths = prepare_site(out, num_images)
+    from training.tiny_captioner import build_tiny_captioner
+
+    captioner = build_tiny_captioner(out / "tiny-captioner")
     Image.init()
     with serve_directory(out / "site") as base_url:
         url_list = out / "urls.txt"
         url_list.write_text("".join(f"{base_url}/{p}\n" for p in paths))
-        config = demo_config(out, url_list, executor, overrides or [])
+        config = demo_config(out, url_list, executor, overrides or [], captioner)
         logger.info("demo: %d URLs served from %s; run root %s", len(paths), base_url, config.run_root)
         return config, run_pipeline(config)

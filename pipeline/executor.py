@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from infra.storage import Storage
 from pipeline.layout import RunLayout, ShardTask
-from pipeline.shard_runner import ShardReport, StageSpec, run_shard
+from pipeline.shard_runner import (
+    PreparedShard,
+    ShardReport,
+    StageSpec,
+    failed_report,
+    prepare_shard,
+    run_shard,
+)
 from stages.base import Resources
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,7 @@ def _task_from_row(row: dict[str, Any]) -> ShardTask:
             **fields,
             "input_shards": tuple(fields["input_shards"]),
             "exclude_item_ids": tuple(fields["exclude_item_ids"]),
+            "side_input_keys": tuple(fields.get("side_input_keys", ())),
         }
     )
 
@@ -58,12 +66,23 @@ class ShardWorker:
         self.layout = RunLayout(storage)
         self.fingerprint = fingerprint
 
-    def run(self, task: ShardTask) -> ShardReport:
-        return run_shard(self.stage, self.layout, task, self.fingerprint)
+    def run(self, task: ShardTask, prepared: PreparedShard | None = None) -> ShardReport:
+        return run_shard(self.stage, self.layout, task, self.fingerprint, prepared=prepared)
+
+    def _run_row(self, row: dict[str, Any]) -> ShardReport:
+        task = _task_from_row(row)
+        if "prepared" not in row:
+            return self.run(task)
+        if row["failure"]:
+            return ShardReport(task.stage, task.shard_id, "failed", message=str(row["failure"]))
+        prepared = PreparedShard.from_ipc(
+            row["prepared"], row["prepared_errors"], int(row["input_rows"]), float(row["prepare_s"])
+        )
+        return self.run(task, prepared)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        reports = [json.dumps(self.run(_task_from_row(row)).to_dict()) for row in rows]
+        reports = [json.dumps(self._run_row(row).to_dict()) for row in rows]
         return {"report": np.array(reports, dtype=object)}
 
     def close(self) -> None:
@@ -152,6 +171,21 @@ class RayDataExecutor:
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
         if resources.memory_bytes:
             remote_args["memory"] = resources.memory_bytes
+        stage = spec.build()
+        if stage.prepared_schema is not None:
+            # The CPU phase runs as its own operator on the CPUs the model workers leave free; Ray Data
+            # streams prepared shards to the model actors and backpressures this operator when they lag.
+            spare_cpus = int(ray.cluster_resources().get("CPU", 1) - num_workers * resources.num_cpus)
+            prepare_workers = max(1, min(spare_cpus, len(tasks), self.config.max_workers or len(tasks)))
+            dataset = dataset.map_batches(
+                _prepare_tasks,
+                fn_args=(spec, storage),
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.TaskPoolStrategy(size=prepare_workers),
+                num_cpus=1,
+            )
+            logger.info("%s: CPU phase on up to %d Ray tasks", spec.stage_cls.name, prepare_workers)
         if resources.uses_model:
             compute = ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers)
             mapped = dataset.map_batches(
@@ -174,6 +208,27 @@ class RayDataExecutor:
         logger.info("%s: %d shards on %d Ray workers", spec.stage_cls.name, len(tasks), num_workers)
         reports = (ShardReport(**json.loads(row["report"])) for row in mapped.iter_rows())
         yield from _progress(reports, len(tasks), spec.stage_cls.name, self.config.progress)
+
+
+def _prepare_tasks(batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage) -> dict[str, np.ndarray]:
+    """CPU phase of a two-phase stage, one shard per call; failures travel on to be reported."""
+    stage = spec.build()
+    layout = RunLayout(storage)
+    columns: dict[str, list[Any]] = {
+        k: [] for k in ("task", "prepared", "prepared_errors", "input_rows", "prepare_s", "failure")
+    }
+    for task_json in batch["task"]:
+        task = _task_from_row({"task": task_json})
+        payload, errors, input_rows, prepare_s, failure = b"", b"", 0, 0.0, ""
+        try:
+            prepared = prepare_shard(stage, layout, task)
+            payload, errors = prepared.to_ipc()
+            input_rows, prepare_s = prepared.input_rows, prepared.prepare_s
+        except Exception as exc:
+            failure = failed_report(task, exc, 0.0).message
+        for key, value in zip(columns, (task_json, payload, errors, input_rows, prepare_s, failure), strict=True):
+            columns[key].append(value)
+    return {key: np.array(values, dtype=object) for key, values in columns.items()}
 
 
 def _run_tasks_once(

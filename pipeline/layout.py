@@ -46,6 +46,9 @@ class ShardTask:
     mode: str = "compute"
     # Input rows to skip (e.g. images dropped by the crawl's cross-shard dedup); part of the checksum.
     exclude_item_ids: tuple[str, ...] = ()
+    # Further inputs the stage joins onto ``input_key`` (e.g. the crawl shard holding a region shard's
+    # images); their checksums are folded into ``input_checksum`` by the planner.
+    side_input_keys: tuple[str, ...] = ()
 
 
 class RunLayout:

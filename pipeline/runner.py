@@ -12,18 +12,21 @@ from typing import Any
 
 from infra.storage import Storage
 from pipeline.config import RunConfig, snapshot
+from pipeline.corpus import build_corpus
 from pipeline.dedup import run_dedup
 from pipeline.executor import make_executor
 from pipeline.layout import RunLayout, ShardTask
 from pipeline.shard_runner import ShardReport, StageSpec
 from pipeline.sources import plan_crawl
+from stages.caption import CaptionStage
+from stages.corpus import CorpusStage
 from stages.crawl import CrawlStage
 from stages.segment import SegmentStage
 
 logger = logging.getLogger(__name__)
 
 STAGE_ORDER = ("crawl", "segment", "caption", "build-corpus")
-IMPLEMENTED_STAGES = ("crawl", "segment")
+IMPLEMENTED_STAGES = STAGE_ORDER
 
 
 @dataclass
@@ -42,6 +45,7 @@ class StageRunResult:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     filtered_by_reason: dict[str, int] = field(default_factory=dict)
     dedup: dict[str, Any] | None = None
+    dataset: dict[str, Any] | None = None
 
     @property
     def throughput_rows_per_s(self) -> float:
@@ -66,6 +70,8 @@ def stage_specs(config: RunConfig) -> dict[str, StageSpec]:
     return {
         "crawl": StageSpec(CrawlStage, _with_run_s3(config.crawl, config)),
         "segment": StageSpec(SegmentStage, _with_run_s3(config.segment, config)),
+        "caption": StageSpec(CaptionStage, _with_run_s3(config.caption, config)),
+        "corpus": StageSpec(CorpusStage, config.corpus),
     }
 
 
@@ -99,6 +105,51 @@ def plan_segment(layout: RunLayout) -> list[ShardTask]:
         excluded = tuple(sorted(dropped_by_shard.get(shard_id, [])))
         checksum = hashlib.sha256("\n".join([entry.output_checksum, *excluded]).encode()).hexdigest()
         tasks.append(ShardTask("segment", shard_id, entry.output_key, checksum, (shard_id,), exclude_item_ids=excluded))
+    return tasks
+
+
+def plan_caption(layout: RunLayout) -> list[ShardTask]:
+    """One caption shard per committed segment shard, joined with the crawl shard holding its images."""
+    crawl = layout.manifests("crawl")
+    tasks = []
+    for shard_id, entry in sorted(layout.manifests("segment").items()):
+        images = crawl.get(shard_id)
+        if images is None:
+            logger.warning("segment shard %s has no crawl shard; skipping it", shard_id)
+            continue
+        checksum = hashlib.sha256(f"{entry.output_checksum}\n{images.output_checksum}".encode()).hexdigest()
+        tasks.append(
+            ShardTask(
+                "caption",
+                shard_id,
+                entry.output_key,
+                checksum,
+                (shard_id,),
+                side_input_keys=(images.output_key,),
+            )
+        )
+    return tasks
+
+
+def plan_corpus_rows(layout: RunLayout) -> list[ShardTask]:
+    """One per-shard corpus task per caption shard, joined with its segment and crawl shards."""
+    segment, crawl = layout.manifests("segment"), layout.manifests("crawl")
+    tasks = []
+    for shard_id, entry in sorted(layout.manifests("caption").items()):
+        if shard_id not in segment or shard_id not in crawl:
+            logger.warning("caption shard %s has no segment or crawl shard; skipping it", shard_id)
+            continue
+        parts = [entry.output_checksum, segment[shard_id].output_checksum, crawl[shard_id].output_checksum]
+        tasks.append(
+            ShardTask(
+                "corpus",
+                shard_id,
+                entry.output_key,
+                hashlib.sha256("\n".join(parts).encode()).hexdigest(),
+                (shard_id,),
+                side_input_keys=(segment[shard_id].output_key, crawl[shard_id].output_key),
+            )
+        )
     return tasks
 
 
@@ -152,7 +203,14 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False) -> StageRunResul
         write_snapshot(layout, config)
         tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
     reports = _execute(config, layout, "crawl", tasks)
-    dedup = run_dedup(layout, config.crawl.near_dup_max_distance) if config.crawl.dedup else None
+    if config.crawl.dedup:
+        dedup = run_dedup(layout, config.crawl.near_dup_max_distance)
+    else:
+        dedup = None
+        # Drops of an earlier deduplicated run must not keep counting (or hiding images from segment).
+        for key in (layout.DEDUP_KEY, layout.DEDUP_MANIFEST_KEY):
+            if layout.storage.exists(key):
+                layout.storage.delete(key)
     result = summarise(
         layout,
         "crawl",
@@ -180,6 +238,43 @@ def run_segment(config: RunConfig) -> StageRunResult:
     return result
 
 
+def run_caption(config: RunConfig) -> StageRunResult:
+    """Caption the regions (and images) of every segment shard whose caption shard is missing or stale."""
+    started = time.perf_counter()
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks = plan_caption(layout)
+    if not tasks:
+        raise ValueError(f"{config.run_root} has no segment shards to caption: run 'ps3-engine segment' first")
+    reports = _execute(config, layout, "caption", tasks)
+    result = summarise(layout, "caption", reports, len(tasks), time.perf_counter() - started)
+    write_summary(layout, [result], reports)
+    return result
+
+
+def run_build_corpus(config: RunConfig) -> StageRunResult:
+    """Per-shard corpus rows (incremental), then the packed dataset with its manifest and pairs view."""
+    started = time.perf_counter()
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks = plan_corpus_rows(layout)
+    if not tasks:
+        raise ValueError(f"{config.run_root} has no caption shards: run 'ps3-engine caption' first")
+    reports = _execute(config, layout, "corpus", tasks)
+    dataset = build_corpus(
+        layout,
+        config.corpus,
+        stage_fingerprints(config),
+        use_ray=config.executor.kind == "ray",
+        progress=config.executor.progress,
+    )
+    result = summarise(layout, "corpus", reports, len(tasks), time.perf_counter() - started)
+    result.stage = "build-corpus"
+    result.dataset = {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
+    write_summary(layout, [result], reports)
+    return result
+
+
 def _retry_tasks(layout: RunLayout) -> list[ShardTask]:
     tasks = []
     for shard_id, entry in sorted(layout.manifests("crawl").items()):
@@ -198,7 +293,12 @@ def _retry_tasks(layout: RunLayout) -> list[ShardTask]:
     return tasks
 
 
-STAGE_RUNNERS = {"crawl": run_crawl, "segment": run_segment}
+STAGE_RUNNERS = {
+    "crawl": run_crawl,
+    "segment": run_segment,
+    "caption": run_caption,
+    "build-corpus": run_build_corpus,
+}
 
 
 def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> list[StageRunResult]:

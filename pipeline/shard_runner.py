@@ -47,57 +47,126 @@ class ShardReport:
         return asdict(self)
 
 
-def process_table(stage: Stage, table: pa.Table, context: ShardContext) -> tuple[pa.Table, pa.Table, float]:
-    """Feed ``table`` through ``stage`` in batches; returns (output, errors, seconds inside the stage)."""
+def process_table(
+    stage: Stage, table: pa.Table, context: ShardContext, phase: str = "process"
+) -> tuple[pa.Table, pa.Table, float]:
+    """Feed ``table`` through the stage's ``phase`` in batches; returns (output, errors, seconds inside it)."""
     batch_size = stage.resources.batch_size
+    transform = stage.prepare_batch if phase == "prepare" else stage.process_batch
+    schema = stage.prepared_schema if phase == "prepare" else stage.output_schema
+    assert schema is not None
     outputs, errors, busy_s = [], [], 0.0
     for start in range(0, table.num_rows, batch_size):
         batch = table.slice(start, batch_size)
         began = time.perf_counter()
-        result = stage.process_batch(batch, context)
+        result = transform(batch, context)
         busy_s += time.perf_counter() - began
-        outputs.append(conform_table(result.output, stage.output_schema))
+        outputs.append(conform_table(result.output, schema))
         errors.append(conform_table(result.errors, ERROR_SCHEMA))
-    output = pa.concat_tables(outputs) if outputs else stage.output_schema.empty_table()
+    output = pa.concat_tables(outputs) if outputs else schema.empty_table()
     error_table = pa.concat_tables(errors) if errors else ERROR_SCHEMA.empty_table()
     return output, error_table, busy_s
 
 
-def run_shard(stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str, attempt: int = 1) -> ShardReport:
-    """Compute and commit one shard. A bug or infrastructure failure yields a ``failed`` report."""
+@dataclass
+class PreparedShard:
+    """A shard's input after the CPU phase (or its plain input when the stage has none)."""
+
+    table: pa.Table
+    errors: pa.Table
+    input_rows: int
+    prepare_s: float = 0.0
+
+    def to_ipc(self) -> tuple[bytes, bytes]:
+        return _table_bytes(self.table), _table_bytes(self.errors)
+
+    @classmethod
+    def from_ipc(cls, table: bytes, errors: bytes, input_rows: int, prepare_s: float) -> PreparedShard:
+        return cls(_bytes_table(table), _bytes_table(errors), input_rows, prepare_s)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _bytes_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+
+def load_input(stage: Stage, layout: RunLayout, task: ShardTask) -> pa.Table:
+    """The shard's input rows: the primary input joined with side inputs, minus excluded items."""
+    table = layout.storage.read_parquet(task.input_key)
+    if task.side_input_keys:
+        side = [layout.storage.read_parquet(key) for key in task.side_input_keys]
+        table = stage.join_inputs(table, side)
+    table = conform_table(table, stage.input_schema)
+    if task.exclude_item_ids:
+        keep = pc.invert(pc.is_in(table.column("item_id"), pa.array(list(task.exclude_item_ids), pa.string())))
+        table = table.filter(keep)
+    return table
+
+
+def prepare_shard(stage: Stage, layout: RunLayout, task: ShardTask, attempt: int = 1) -> PreparedShard:
+    table = load_input(stage, layout, task)
+    if stage.prepared_schema is None:
+        return PreparedShard(table, ERROR_SCHEMA.empty_table(), table.num_rows)
+    context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
+    prepared, errors, prepare_s = process_table(stage, table, context, phase="prepare")
+    return PreparedShard(prepared, errors, table.num_rows, prepare_s)
+
+
+def failed_report(task: ShardTask, exc: BaseException, wall_s: float) -> ShardReport:
+    logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, exc)
+    return ShardReport(
+        task.stage,
+        task.shard_id,
+        "failed",
+        wall_s=wall_s,
+        message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
+    )
+
+
+def run_shard(
+    stage: Stage,
+    layout: RunLayout,
+    task: ShardTask,
+    fingerprint: str,
+    attempt: int = 1,
+    prepared: PreparedShard | None = None,
+) -> ShardReport:
+    """Compute and commit one shard. A bug or infrastructure failure yields a ``failed`` report.
+
+    ``prepared`` is the shard after the stage's CPU phase when an earlier worker already ran it.
+    """
     began = time.perf_counter()
     try:
-        table = conform_table(layout.storage.read_parquet(task.input_key), stage.input_schema)
-        if task.exclude_item_ids:
-            keep = pc.invert(pc.is_in(table.column("item_id"), pa.array(list(task.exclude_item_ids), pa.string())))
-            table = table.filter(keep)
         if task.mode == "retry_transient":
+            table = load_input(stage, layout, task)
             return _retry_transient(stage, layout, task, fingerprint, table, began)
+        if prepared is None:
+            prepared = prepare_shard(stage, layout, task, attempt)
         context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
-        output, errors, busy_s = process_table(stage, table, context)
-        wall_s = time.perf_counter() - began
+        output, errors, busy_s = process_table(stage, prepared.table, context)
+        errors = pa.concat_tables([prepared.errors, errors])
+        wall_s = time.perf_counter() - began + prepared.prepare_s
         layout.commit_shard(
             task, fingerprint=fingerprint, output=output, errors=errors, attempt=attempt, wall_seconds=wall_s
         )
     except Exception as exc:
-        logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, exc)
-        return ShardReport(
-            task.stage,
-            task.shard_id,
-            "failed",
-            wall_s=time.perf_counter() - began,
-            message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
-        )
+        return failed_report(task, exc, time.perf_counter() - began)
     return ShardReport(
         stage=task.stage,
         shard_id=task.shard_id,
         status="computed",
-        input_rows=table.num_rows,
+        input_rows=prepared.input_rows,
         output_rows=output.num_rows,
         error_rows=errors.num_rows,
         errors_by_reason=dict(Counter(errors.column("reason").to_pylist())),
         wall_s=wall_s,
-        busy_s=busy_s,
+        busy_s=busy_s + prepared.prepare_s,
     )
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from infra.storage import S3Settings, Storage
+from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
 from pipeline.layout import RunLayout, ShardTask
-from pipeline.runner import plan_segment
+from pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
 
 
 @dataclass
@@ -82,4 +83,12 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
         stages["segment"] = _stage_status(
             layout, "segment", segment_tasks, fingerprints.get("segment"), failed["segment"]
         )
-    return {"run_root": run_root, "stages": stages, "summary": summary}
+    for stage, name, planner in (
+        ("caption", "caption", plan_caption),
+        ("corpus", "build-corpus", plan_corpus_rows),
+    ):
+        tasks = planner(layout)
+        if tasks and (layout.manifests(stage) or name in summary.get("stages", {})):
+            stages[name] = _stage_status(layout, stage, tasks, fingerprints.get(stage), failed[name])
+    dataset = layout.storage.read_json(DATASET_MANIFEST_KEY) if layout.storage.exists(DATASET_MANIFEST_KEY) else None
+    return {"run_root": run_root, "stages": stages, "summary": summary, "dataset": dataset}

@@ -30,8 +30,13 @@ class CorpusRow(BaseModel):
     source: str
     image_bytes: bytes | None
     image_ref: str | None
+    # Boxes are in the EXIF-oriented frame; the bytes are the original file, so apply the orientation
+    # (PIL ``ImageOps.exif_transpose``) before using the boxes. ``exif_orientation`` says which one.
+    exif_orientation: int
     width: int
     height: int
+    license: str | None
+    attribution: str | None
     global_caption: str | None
     regions: list[CorpusRegion]
 
@@ -55,8 +60,11 @@ CORPUS_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("image_bytes", pa.large_binary()),
         pa.field("image_ref", pa.string()),
+        pa.field("exif_orientation", pa.int8(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        pa.field("license", pa.string()),
+        pa.field("attribution", pa.string()),
         pa.field("global_caption", pa.string()),
         pa.field("regions", pa.list_(CORPUS_REGION_TYPE), nullable=False),
     ],

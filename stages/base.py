@@ -90,6 +90,9 @@ class Stage(ABC):
     # out of the fingerprint so tuning them does not make finished shards stale.
     operational_fields: ClassVar[frozenset[str]] = frozenset()
     code_version: ClassVar[int] = 1
+    # Stages with a CPU phase ahead of the model set this to the schema ``prepare_batch`` returns; the
+    # executor then runs ``prepare_batch`` on CPU workers and ``process_batch`` on the model workers.
+    prepared_schema: ClassVar[pa.Schema | None] = None
 
     def __init__(self, config: BaseModel) -> None:
         if not isinstance(config, self.config_model):
@@ -108,6 +111,16 @@ class Stage(ABC):
 
     def teardown(self) -> None:
         """Release what :meth:`setup` acquired."""
+
+    def join_inputs(self, primary: pa.Table, side: list[pa.Table]) -> pa.Table:
+        """Combine the shard's primary input with its side inputs (e.g. regions with their images)."""
+        if side:
+            raise NotImplementedError(f"{self.name} takes no side inputs")
+        return primary
+
+    def prepare_batch(self, batch: pa.Table, context: ShardContext) -> BatchResult:
+        """CPU phase (decode, crop, resize): rows in ``prepared_schema`` plus error rows."""
+        raise NotImplementedError(f"{self.name} has no prepare phase")
 
     @abstractmethod
     def process_batch(self, batch: pa.Table, context: ShardContext) -> BatchResult: ...

@@ -63,3 +63,33 @@ def scale_box(box: BoxXYXY, scale_x: float, scale_y: float, width: int, height: 
     x1 = min(width, max(x0 + 1, math.ceil(box.x1 * scale_x)))
     y1 = min(height, max(y0 + 1, math.ceil(box.y1 * scale_y)))
     return BoxXYXY(x0, y0, x1, y1)
+
+
+def fit_to_pixel_budget(
+    width: int, height: int, max_pixels: int, min_pixels: int = 1, factor: int = 1
+) -> tuple[int, int]:
+    """Size of an image scaled (aspect kept) so ``w * h`` lies in ``[min_pixels, max_pixels]``.
+
+    Sides are rounded to multiples of ``factor`` (Qwen2-VL uses 28: patch 14 x merge 2) and never drop
+    below ``factor``. Images already inside the budget keep their size up to that rounding.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size {width}x{height} is not positive")
+    if max_pixels < factor * factor or min_pixels > max_pixels:
+        raise ValueError(f"pixel budget [{min_pixels}, {max_pixels}] cannot hold a {factor}x{factor} image")
+    scale = 1.0
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+    elif width * height < min_pixels:
+        scale = math.sqrt(min_pixels / (width * height))
+    new_w = max(factor, round(width * scale / factor) * factor)
+    new_h = max(factor, round(height * scale / factor) * factor)
+    # Rounding up can overshoot the budget; step the longer side down until it fits.
+    while new_w * new_h > max_pixels:
+        if new_w >= new_h and new_w > factor:
+            new_w -= factor
+        elif new_h > factor:
+            new_h -= factor
+        else:
+            break
+    return new_w, new_h

@@ -73,16 +73,42 @@ def exif_orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Normalise any PIL mode to 8-bit RGB; transparency is composited on white."""
+# Modes whose transparency is a single colour key (PNG tRNS, GIF) rather than a palette or an alpha channel.
+COLOUR_KEY_ALPHA_MODES = {"1": "LA", "L": "LA", "RGB": "RGBA"}
+SIXTEEN_BIT_AND_WIDER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _colour_key(img: Image.Image) -> int | tuple[int, int, int] | None:
+    """The pixel value that ``img.info["transparency"]`` marks fully transparent, if it is a usable colour key."""
+    key = img.info.get("transparency")
     if img.mode == "RGB":
+        usable = isinstance(key, tuple) and len(key) == 3 and all(isinstance(v, int) for v in key)
+    else:
+        grey_mode = img.mode in COLOUR_KEY_ALPHA_MODES or img.mode in SIXTEEN_BIT_AND_WIDER_MODES
+        usable = grey_mode and isinstance(key, int) and not isinstance(key, bool)
+    return key if usable else None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Normalise any PIL mode to 8-bit RGB; transparency (alpha, palette or colour key) is composited on white."""
+    key = _colour_key(img)
+    if img.mode == "RGB" and key is None:
         return img
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    elif key is not None and img.mode in COLOUR_KEY_ALPHA_MODES:
+        # Pillow turns the colour key into an alpha channel (pixels equal to the key get alpha 0).
+        img = img.convert(COLOUR_KEY_ALPHA_MODES[img.mode])
+    if img.mode in SIXTEEN_BIT_AND_WIDER_MODES:
         array = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+        grey = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+        if key is None:
+            img = grey
+        else:
+            # The key is in the stored (16-bit) value space, so match it before scaling down.
+            alpha = Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), mode="L")
+            img = Image.merge("LA", (grey, alpha))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -25,10 +25,12 @@ def test_console_script_help_runs():
     assert "--retry-failed" in result.stdout and "--input" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["caption", "build-corpus"])
-def test_unbuilt_stages_say_so_and_fail(command, capsys, tmp_path):
-    assert main([command, "--run-root", str(tmp_path)]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("command", "needs"), [("segment", "crawl"), ("caption", "segment"), ("build-corpus", "caption")]
+)
+def test_a_stage_without_its_input_is_a_clear_error(command, needs, capsys, tmp_path):
+    assert main([command, "--run-root", str(tmp_path), "--executor", "local"]) == 2
+    assert f"run 'ps3-engine {needs}' first" in capsys.readouterr().err
 
 
 def test_invalid_config_is_a_clear_error(capsys, tmp_path):

@@ -1,0 +1,247 @@
+"""Corpus build: per-shard corpus rows -> size-targeted, split Parquet shards, a flat pairs view, a manifest.
+
+```
+dataset/train/shard-00000.parquet          CORPUS_SCHEMA rows (one image each), ~corpus.target_shard_bytes
+dataset/validation/shard-00000.parquet
+dataset/pairs/train/shard-00000.parquet    PAIRS_SCHEMA: one (box, caption) per row, pointing at its image row
+dataset/manifest.json                      counts, sources, fingerprints, schema version, shard list; written last
+```
+The pack is planned in the driver from row counts and file sizes only, then each output shard is
+written by its own worker (Ray tasks on a Ray executor). A rebuild happens only when the per-shard
+corpus rows or the pack settings changed (the manifest's input fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from infra.storage import Storage
+from pipeline.layout import RunLayout
+from schemas import CORPUS_SCHEMA
+from schemas.corpus import SCHEMA_VERSION as CORPUS_SCHEMA_VERSION
+from stages.corpus import CorpusConfig
+
+logger = logging.getLogger(__name__)
+
+DATASET_PREFIX = "dataset"
+MANIFEST_KEY = f"{DATASET_PREFIX}/manifest.json"
+SPLITS = ("train", "validation")
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("corpus_shard", pa.string(), nullable=False),
+        pa.field("row_index", pa.int32(), nullable=False),
+        pa.field("region_id", pa.string(), nullable=False),
+        pa.field("x0", pa.int32(), nullable=False),
+        pa.field("y0", pa.int32(), nullable=False),
+        pa.field("x1", pa.int32(), nullable=False),
+        pa.field("y1", pa.int32(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("global_caption", pa.string()),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ],
+    metadata={"record_kind": "corpus_pair", "schema_version": str(CORPUS_SCHEMA_VERSION)},
+)
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    input_key: str
+    indices: tuple[int, ...]  # row positions in the input shard
+
+
+@dataclass
+class OutputShard:
+    split: str
+    index: int
+    slices: list[RowSlice] = field(default_factory=list)
+    estimated_bytes: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{DATASET_PREFIX}/{self.split}/shard-{self.index:05d}.parquet"
+
+    @property
+    def pairs_key(self) -> str:
+        return f"{DATASET_PREFIX}/pairs/{self.split}/shard-{self.index:05d}.parquet"
+
+
+@dataclass
+class CorpusResult:
+    rebuilt: bool
+    manifest: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return self.manifest["counts"]
+
+
+def input_fingerprint(layout: RunLayout, config: CorpusConfig) -> str:
+    entries = layout.manifests("corpus")
+    payload = {
+        "shards": sorted((shard, e.output_checksum) for shard, e in entries.items()),
+        "target_shard_bytes": config.target_shard_bytes,
+        "schema_version": CORPUS_SCHEMA_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def plan_pack(layout: RunLayout, target_bytes: int) -> list[OutputShard]:
+    """Assign input rows to output shards per split, in input order, by estimated bytes per row."""
+    sizes = {obj.key: obj.size for obj in layout.storage.list("corpus/")}
+    current: dict[str, OutputShard] = {}
+    finished: list[OutputShard] = []
+    for shard_id, entry in sorted(layout.manifests("corpus").items()):
+        if entry.output_rows == 0:
+            continue
+        bytes_per_row = sizes.get(entry.output_key, 0) / entry.output_rows
+        splits = layout.storage.read_parquet(entry.output_key, columns=["split"]).column("split").to_pylist()
+        for split in SPLITS:
+            indices = [i for i, s in enumerate(splits) if s == split]
+            start = 0
+            while start < len(indices):
+                shard = current.get(split)
+                if shard is None:
+                    index = sum(1 for s in finished if s.split == split)
+                    shard = current[split] = OutputShard(split, index)
+                room = max(1, int((target_bytes - shard.estimated_bytes) // max(bytes_per_row, 1.0)))
+                take = indices[start : start + room]
+                shard.slices.append(RowSlice(entry.output_key, tuple(take)))
+                shard.estimated_bytes += len(take) * bytes_per_row
+                start += len(take)
+                if shard.estimated_bytes >= target_bytes:
+                    finished.append(shard)
+                    del current[split]
+        logger.debug("planned corpus shard input %s", shard_id)
+    finished.extend(current.values())
+    return sorted(finished, key=lambda s: (s.split, s.index))
+
+
+def pairs_view(table: pa.Table, corpus_shard: str) -> pa.Table:
+    rows = []
+    for index, row in enumerate(
+        table.select(["image_id", "split", "regions", "global_caption", "width", "height", "source"]).to_pylist()
+    ):
+        for region in row["regions"]:
+            rows.append(
+                {
+                    "image_id": row["image_id"],
+                    "split": row["split"],
+                    "corpus_shard": corpus_shard,
+                    "row_index": index,
+                    **region,
+                    "global_caption": row["global_caption"],
+                    "width": row["width"],
+                    "height": row["height"],
+                    "source": row["source"],
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def write_output_shard(storage: Storage, shard: OutputShard) -> dict[str, Any]:
+    """Gather the shard's rows from the per-shard corpus files and commit the shard and its pairs view."""
+    parts = []
+    for piece in shard.slices:
+        table = storage.read_parquet(piece.input_key)
+        parts.append(table.take(pa.array(piece.indices, pa.int64())).cast(CORPUS_SCHEMA))
+    table = pa.concat_tables(parts)
+    checksum = storage.write_parquet_atomic(shard.key, table)
+    pairs = pairs_view(table, shard.key)
+    pairs_checksum = storage.write_parquet_atomic(shard.pairs_key, pairs)
+    return {
+        "key": shard.key,
+        "split": shard.split,
+        "rows": table.num_rows,
+        "regions": pairs.num_rows,
+        "global_captions": table.num_rows - table.column("global_caption").null_count,
+        "sources": dict(zip(*_value_counts(table.column("source")), strict=True)),
+        "sha256": checksum,
+        "pairs_key": shard.pairs_key,
+        "pairs_sha256": pairs_checksum,
+    }
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counts = pc.value_counts(column)
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+def build_corpus(
+    layout: RunLayout,
+    config: CorpusConfig,
+    fingerprints: dict[str, str],
+    use_ray: bool = False,
+    progress: bool = True,
+) -> CorpusResult:
+    """Pack the per-shard corpus rows into the final dataset; a no-op when nothing changed."""
+    fingerprint = input_fingerprint(layout, config)
+    storage = layout.storage
+    if storage.exists(MANIFEST_KEY):
+        previous = storage.read_json(MANIFEST_KEY)
+        if previous.get("input_fingerprint") == fingerprint:
+            logger.info("corpus: dataset is up to date (%s)", fingerprint)
+            return CorpusResult(False, previous)
+    plan = plan_pack(layout, config.target_shard_bytes)
+    logger.info("corpus: packing into %d shards", len(plan))
+    if use_ray and plan:
+        import ray
+
+        write = ray.remote(num_cpus=1)(write_output_shard)
+        pending = [write.remote(storage, shard) for shard in plan]
+        written = []
+        with tqdm(total=len(plan), desc="corpus shards", unit="shard", disable=not progress) as bar:
+            for ref in pending:
+                written.append(ray.get(ref))
+                bar.update(1)
+    else:
+        written = [
+            write_output_shard(storage, shard)
+            for shard in tqdm(plan, desc="corpus shards", unit="shard", disable=not progress)
+        ]
+    keep = {s["key"] for s in written} | {s["pairs_key"] for s in written}
+    for obj in storage.list(DATASET_PREFIX + "/"):
+        if obj.key.endswith(".parquet") and obj.key not in keep:
+            storage.delete(obj.key)  # shards of an earlier, larger build
+    manifest = _manifest(written, fingerprint, fingerprints, config)
+    storage.write_json_atomic(MANIFEST_KEY, manifest)
+    return CorpusResult(True, manifest)
+
+
+def _manifest(
+    written: list[dict[str, Any]], fingerprint: str, fingerprints: dict[str, str], config: CorpusConfig
+) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    sources: dict[str, int] = {}
+    for shard in written:
+        split = counts.setdefault(shard["split"], {"images": 0, "regions": 0, "global_captions": 0, "shards": 0})
+        split["images"] += shard["rows"]
+        split["regions"] += shard["regions"]
+        split["global_captions"] += shard["global_captions"]
+        split["shards"] += 1
+        for source, n in shard["sources"].items():
+            sources[source] = sources.get(source, 0) + n
+    return {
+        "record_kind": "corpus_row",
+        "schema_version": CORPUS_SCHEMA_VERSION,
+        "input_fingerprint": fingerprint,
+        "stage_fingerprints": fingerprints,
+        "config": config.model_dump(mode="json"),
+        "counts": counts,
+        "sources": sources,
+        "shards": written,
+        "written_at": datetime.now(UTC).isoformat(),
+    }

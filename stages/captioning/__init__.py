@@ -1,0 +1,1 @@
+"""Captioning parts: prompt templates, caption hygiene and the MLLM backends behind one interface."""
