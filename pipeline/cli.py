@@ -134,6 +134,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report, write_report
+
+    if args.out:
+        Path(args.out).write_text(build_report(args.run, samples=args.samples))
+        print(f"report: {args.out}")
+    else:
+        print(f"report: {write_report(args.run, samples=args.samples)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -213,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser(
+        "report",
+        help="an HTML report of a run: sample images with boxes, crops with captions, distributions",
+        description="Render a self-contained HTML page (embedded thumbnails and SVG plots) to "
+        "<run>/report/index.html, or to --out.",
+    )
+    report.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
+    report.add_argument("--out", help="write the page to this local file instead of the run root")
+    report.add_argument("--samples", type=int, default=6, help="number of sample images")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser(
         "demo",

@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,models
+# The HTML report test renders the page in headless Chromium (Debian's package; no browser download).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian chromium for the report test" >&2
+  apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null)
+fi
 export RAY_AUTH_MODE=disabled
 .venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -q -ra "$@"
