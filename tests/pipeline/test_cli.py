@@ -70,3 +70,14 @@ def test_crawl_then_status_then_rerun(zoo, tmp_path, capsys):
 def test_status_of_a_non_run_is_an_error(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "not a run root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "production.yaml"])
+def test_example_configs_validate(name):
+    from pathlib import Path
+
+    from pipeline.config import load_run_config
+
+    config = load_run_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    assert config.run_root and config.caption.prompts.version == "ps3-v1"
+    assert (config.segment.backend, config.caption.backend) in {("classical", "transformers"), ("sam2", "vllm")}
