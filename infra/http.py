@@ -3,11 +3,12 @@
 What a crawler running inside a cloud cluster needs, in one client:
 
 * connection pooling (one ``urllib3.PoolManager`` per client, thread-safe);
-* connect/read timeouts plus a total deadline per fetch, and a cap on body size (checked against
-  ``Content-Length`` first, then while streaming);
+* connect/read timeouts plus a total deadline per fetch (enforced while the body streams too), and a
+  cap on body size (checked against ``Content-Length`` first, then while streaming);
 * retries with exponential backoff and jitter for transient failures, honouring ``Retry-After`` on
   429/503 (seconds or an HTTP date) up to a ceiling;
-* per-host concurrency (a semaphore) and a per-host request rate (a token bucket);
+* per-host concurrency (a semaphore held until the body is read or discarded, so it bounds downloads,
+  not just requests) and a per-host request rate (a token bucket);
 * redirects followed by hand, so every hop goes through the same address guard, with loop detection;
 * an address guard that refuses private, loopback, link-local and other non-global addresses unless
   explicitly allowed. The check runs *inside* the connection's connect step, on the very addresses the
@@ -27,10 +28,11 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -51,6 +53,10 @@ logger = logging.getLogger(__name__)
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+# Most bytes one body read asks for. Reads use ``read1`` (one socket receive, whatever has arrived), so
+# this bounds memory per read, not latency: the total deadline is checked after every receive.
+BODY_READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,12 +187,27 @@ class _HostLimits:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _is_ascii_digits(value: str) -> bool:
+    """True for a non-empty run of ASCII ``0-9``.
+
+    Header values are decoded as latin-1, and ``str.isdigit()`` alone also accepts characters such as
+    ``"²"`` that ``int()``/``float()`` then reject with a ValueError.
+    """
+    return value.isascii() and value.isdigit()
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    """The declared ``Content-Length`` (header lookup is case-insensitive), or None if absent/bad."""
+    declared = headers.get("content-length", "")
+    return int(declared) if _is_ascii_digits(declared) else None
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/bad."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _is_ascii_digits(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -249,17 +270,36 @@ MAX_DRAIN_BYTES = 1024 * 1024
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:
     """Return the connection to the pool only with its body consumed (keep-alive would desync)."""
-    declared = response.headers.get("Content-Length", "")
+    declared = _content_length(response.headers)
     try:
         if getattr(response, "body_consumed", False):
             response.release_conn()
-        elif declared.isdigit() and int(declared) <= MAX_DRAIN_BYTES:
+        elif declared is not None and declared <= MAX_DRAIN_BYTES:
             response.drain_conn()
             response.release_conn()
         else:
             response.close()
     except (HTTPError, OSError):
         response.close()
+
+
+def _split_url(url: str) -> SplitResult:
+    """``urlsplit`` that turns a malformed URL (e.g. ``http://[::1``) into a permanent FetchError."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise FetchError("invalid_url", f"malformed URL {url!r}: {exc}", transient=False) from exc
+
+
+def _cap_read_timeout(response: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """Lower the socket timeout for the next body read, so a stalled read cannot outlive the deadline.
+
+    urllib3 has no per-read timeout API; the response's connection exposes its socket, and the next
+    request on that pooled connection sets its own read timeout again (``HTTPConnection.getresponse``).
+    """
+    sock = getattr(response.connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
 
 
 class GuardedHttpClient:
@@ -335,25 +375,49 @@ class GuardedHttpClient:
         visited: list[str] = []
         current = url
         while True:
-            scheme = urlsplit(current).scheme.lower()
-            if scheme not in ("http", "https"):
+            parts = _split_url(current)
+            if parts.scheme.lower() not in ("http", "https"):
                 raise FetchError("invalid_url", f"unsupported URL scheme in {current!r}", transient=False)
             if current in visited:
                 raise FetchError("redirect_loop", f"redirect loop: {' -> '.join([*visited, current])}", False)
             if len(visited) > self.settings.max_redirects:
                 raise FetchError("too_many_redirects", f"more than {self.settings.max_redirects} redirects", False)
             visited.append(current)
-            response = self._request(current)
-            try:
-                if response.status in REDIRECT_STATUSES and response.headers.get("Location"):
-                    current = urljoin(current, response.headers["Location"])
-                    continue
+            # Leaving this block (redirect, error or result) discards the response and frees the host's
+            # concurrency slot, so the next hop (often the same host) or a retry never waits on itself.
+            with self._open(current, parts.hostname or "") as response:
+                if 300 <= response.status < 400:
+                    location = response.headers.get("Location", "").strip()
+                    if not location:
+                        raise FetchError(
+                            "bad_redirect",
+                            f"HTTP {response.status} from {current} without a Location header",
+                            transient=False,
+                            status=response.status,
+                        )
+                    if response.status in REDIRECT_STATUSES:
+                        current = self._redirect_target(current, location)
+                        continue
                 return self._finish(url, current, response, started, attempt, header_filter)
-            finally:
-                _discard(response)
 
-    def _request(self, url: str) -> urllib3.BaseHTTPResponse:
-        host = urlsplit(url).hostname or ""
+    @staticmethod
+    def _redirect_target(current: str, location: str) -> str:
+        """Resolve a ``Location`` against the current URL; a malformed one is a permanent invalid_url."""
+        try:
+            return urljoin(current, location)
+        except ValueError as exc:
+            raise FetchError(
+                "invalid_url", f"malformed redirect Location {location!r} from {current}: {exc}", transient=False
+            ) from exc
+
+    @contextmanager
+    def _open(self, url: str, host: str) -> Iterator[urllib3.BaseHTTPResponse]:
+        """Send the GET and yield the response with its headers read and its body not yet.
+
+        The host's concurrency slot is held until the caller is done with the response and it has been
+        discarded: the body download is most of a fetch's time on the host, so releasing the slot once
+        the headers arrive would let ``per_host_concurrency`` bound requests but not downloads.
+        """
         limits = self._limits(host)
         wait_s = limits.retry_after_until - time.monotonic()
         if wait_s > 0:
@@ -363,12 +427,16 @@ class GuardedHttpClient:
         timeout = urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s)
         with limits.semaphore:
             try:
-                return self._pool.urlopen(
+                response = self._pool.urlopen(
                     "GET", url, redirect=False, retries=False, preload_content=False, timeout=timeout
                 )
             except (HTTPError, OSError, ValueError, http.client.HTTPException) as exc:
                 reason, transient = classify_exception(exc)
                 raise FetchError(reason, f"{type(_root_cause(exc)).__name__}: {_root_cause(exc)}", transient) from exc
+            try:
+                yield response
+            finally:
+                _discard(response)
 
     def _finish(
         self,
@@ -406,24 +474,37 @@ class GuardedHttpClient:
         self, response: urllib3.BaseHTTPResponse, headers: Mapping[str, str], url: str, started: float
     ) -> bytes:
         cap = self.settings.max_bytes
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
+        declared = _content_length(headers)
+        if declared is not None and declared > cap:
             raise FetchError("too_large", f"Content-Length {declared} exceeds the {cap}-byte cap", False)
+        deadline = started + self.settings.total_timeout_s
+        deadline_error = FetchError("timeout", f"total deadline {self.settings.total_timeout_s}s exceeded", True)
         chunks: list[bytes] = []
         received = 0
         try:
-            for chunk in response.stream(256 * 1024):
+            while True:
+                # ``read1`` returns after one socket receive with whatever has arrived. ``read``/``stream``
+                # would block until the whole chunk (or EOF) is in, so a server trickling a sized body
+                # just faster than the read timeout could hold a fetch far past its total deadline.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise deadline_error
+                # ...and a single stalled receive may not outlast the deadline either.
+                _cap_read_timeout(response, min(self.settings.read_timeout_s, remaining))
+                chunk = response.read1(BODY_READ_SIZE)
+                if not chunk:
+                    break
                 received += len(chunk)
                 if received > cap:
                     raise FetchError("too_large", f"body exceeds the {cap}-byte cap", False)
-                if time.monotonic() - started > self.settings.total_timeout_s:
-                    raise FetchError("timeout", f"total deadline {self.settings.total_timeout_s}s exceeded", True)
                 chunks.append(chunk)
         except FetchError:
             response.close()
             raise
         except (HTTPError, OSError, http.client.HTTPException) as exc:
             reason, transient = classify_exception(exc)
+            if reason == "timeout" and time.monotonic() >= deadline:
+                raise deadline_error from exc  # the receive timed out because the deadline capped it
             raise FetchError(reason, f"reading body of {url}: {_root_cause(exc)}", transient) from exc
         response.body_consumed = True  # type: ignore[attr-defined]
         return b"".join(chunks)
