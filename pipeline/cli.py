@@ -48,7 +48,20 @@ def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
         overrides.append(f"executor.kind={args.executor}")
     if args.ray_address:
         overrides.append(f"executor.ray_address={args.ray_address}")
-    return load_run_config(args.config, overrides, run_root=args.run_root, **extra)
+    base = None
+    if args.config is None and args.run_root:
+        # Continuing a run without --config: start from its snapshot so stage settings stay as they were.
+        base = _existing_snapshot(args.run_root)
+        if base is not None:
+            logger.info("using the config snapshot of %s (run.json); --set overrides apply on top", args.run_root)
+    return load_run_config(args.config, overrides, base=base, run_root=args.run_root, **extra)
+
+
+def _existing_snapshot(run_root: str) -> dict | None:
+    from infra.storage import Storage
+
+    storage = Storage(run_root)
+    return storage.read_json("run.json")["config"] if storage.exists("run.json") else None
 
 
 def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
@@ -79,7 +92,7 @@ def cmd_crawl(args: argparse.Namespace) -> int:
         config = load_run_config(None, list(args.overrides), **_snapshot_config(args.retry_failed))
         return _print_results(config, [run_crawl(config, retry_failed=True)])
     config = _load(args, sources=args.input or None)
-    return _print_results(config, [run_crawl(config)])
+    return _print_results(config, [run_crawl(config, force=args.force)])
 
 
 def _snapshot_config(run_root: str) -> dict:
@@ -93,25 +106,55 @@ def _snapshot_config(run_root: str) -> dict:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     config = _load(args)
-    return _print_results(config, [run_segment(config)])
+    return _print_results(config, [run_segment(config, force=args.force)])
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     config = _load(args)
-    return _print_results(config, [run_caption(config)])
+    return _print_results(config, [run_caption(config, force=args.force)])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, sources=args.input or None)
-    return _print_results(config, run_pipeline(config))
+    return _print_results(config, run_pipeline(config, force=frozenset(args.force)))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import plan_run
+
+    config = _load(args, sources=args.input or None)
+    plans = plan_run(config, force=frozenset(args.force))
+    if args.json:
+        print(json.dumps({p.stage: {"shards": p.shards, "recompute": p.recompute} for p in plans}, indent=2))
+        return 0
+    print(f"run root: {config.run_root}")
+    for plan in plans:
+        print(f"  {plan.stage:13s} {len(plan.recompute)} of {plan.shards} shards to compute {plan.reasons}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from infra.storage import Storage
+    from pipeline.layout import RunLayout
+    from pipeline.lineage import trace_region
+
+    try:
+        trace = trace_region(RunLayout(Storage(args.run_root)), args.region_id)
+    except KeyError as exc:
+        print(f"ps3-engine: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(trace, indent=2, default=str))
+    return 0
 
 
 def cmd_build_corpus(args: argparse.Namespace) -> int:
     config = _load(args)
-    return _print_results(config, [run_build_corpus(config)])
+    return _print_results(config, [run_build_corpus(config, force=args.force)])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.check:
+        return _check(args.run)
     status = run_status(args.run)
     if args.json:
         print(
@@ -132,6 +175,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{entry.errors_by_reason}"
         )
     return 0
+
+
+def _check(run_root: str) -> int:
+    from infra.storage import Storage
+    from pipeline.conservation import check_run
+    from pipeline.layout import RunLayout
+
+    storage = Storage(run_root)
+    if not storage.exists("run.json"):
+        raise FileNotFoundError(f"{run_root} is not a run root (no run.json)")
+    global_captions = storage.read_json("run.json")["config"].get("caption", {}).get("global_captions", True)
+    gaps = check_run(RunLayout(storage), global_captions=global_captions)
+    for gap in gaps:
+        print(f"GAP {gap.describe()}")
+    print(f"conservation check of {run_root}: {'OK' if not gaps else f'{len(gaps)} gaps'}")
+    return 1 if gaps else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -173,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     crawl.add_argument(
         "--retry-failed", metavar="RUN", help="retry only the items of RUN whose recorded failure is transient"
     )
+    crawl.add_argument("--force", action="store_true", help="recompute every shard of this stage")
     crawl.set_defaults(func=cmd_crawl)
 
     segment = sub.add_parser(
@@ -183,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "non-overlapping boxes per image.",
     )
     _add_run_options(segment)
+    segment.add_argument("--force", action="store_true", help="recompute every shard of this stage")
     segment.set_defaults(func=cmd_segment)
 
     caption = sub.add_parser(
@@ -194,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Outputs are cleaned; empty, truncated, refused and degenerate captions go to the errors table.",
     )
     _add_run_options(caption)
+    caption.add_argument("--force", action="store_true", help="recompute every shard of this stage")
     caption.set_defaults(func=cmd_caption)
 
     corpus = sub.add_parser(
@@ -204,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with a flat (box, caption) pairs view and dataset/manifest.json (counts, sources, fingerprints).",
     )
     _add_run_options(corpus)
+    corpus.add_argument("--force", action="store_true", help="recompute every shard of this stage")
     corpus.set_defaults(func=cmd_build_corpus)
 
     run = sub.add_parser(
@@ -214,7 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=STAGE_ORDER,
+        metavar="STAGE",
+        help="recompute every shard of STAGE and of the stages after it (repeatable)",
+    )
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser(
+        "plan",
+        help="show what a rerun would recompute and why, without running anything",
+        description="For the given config (default: the run's snapshot), list per stage how many shards a "
+        "rerun would compute and why: missing, config changed, input changed, upstream shard recomputes, forced.",
+    )
+    _add_run_options(plan)
+    plan.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    plan.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, metavar="STAGE")
+    plan.add_argument("--json", action="store_true", help="machine-readable output, per shard")
+    plan.set_defaults(func=cmd_plan)
+
+    trace = sub.add_parser(
+        "trace",
+        help="lineage of a region: caption, segment and crawl rows back to the source URL",
+        description="Print (JSON) a region's box, its image's source URL and licence, its captions with model, "
+        "prompt version and sampling, its corpus split and dataset shard, and each step's config fingerprint.",
+    )
+    trace.add_argument("region_id")
+    trace.add_argument("--run-root", required=True, help="run root (local folder or s3://bucket/prefix)")
+    trace.set_defaults(func=cmd_trace)
 
     status = sub.add_parser(
         "status",
@@ -223,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="verify that every item entering each stage is in its output or errors table exactly once; "
+        "exit 1 on any gap",
+    )
     status.set_defaults(func=cmd_status)
 
     report = sub.add_parser(

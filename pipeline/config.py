@@ -58,9 +58,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None, **fields: Any) -> RunConfig:
-    """Load YAML (optional), apply overrides and explicit fields, validate."""
-    raw: dict[str, Any] = {}
+def load_run_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None, **fields: Any
+) -> RunConfig:
+    """Load YAML (or start from ``base``, e.g. a run's snapshot), apply overrides and fields, validate."""
+    raw: dict[str, Any] = dict(base or {})
     if path is not None:
         text = Path(path).read_text()
         raw = yaml.safe_load(text) or {}

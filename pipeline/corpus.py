@@ -89,11 +89,17 @@ class CorpusResult:
         return self.manifest["counts"]
 
 
-def input_fingerprint(layout: RunLayout, config: CorpusConfig) -> str:
+def input_fingerprint(layout: RunLayout, config: CorpusConfig, fingerprints: dict[str, str]) -> str:
+    """Changes when the corpus rows, the pack settings or any stage's config changed.
+
+    The stage fingerprints are part of it so the manifest never describes an older config, even when a
+    config change happened to produce identical rows.
+    """
     entries = layout.manifests("corpus")
     payload = {
         "shards": sorted((shard, e.output_checksum) for shard, e in entries.items()),
-        "target_shard_bytes": config.target_shard_bytes,
+        "config": config.model_dump(mode="json", exclude={"batch_size", "max_workers"}),
+        "stage_fingerprints": fingerprints,
         "schema_version": CORPUS_SCHEMA_VERSION,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -188,7 +194,7 @@ def build_corpus(
     progress: bool = True,
 ) -> CorpusResult:
     """Pack the per-shard corpus rows into the final dataset; a no-op when nothing changed."""
-    fingerprint = input_fingerprint(layout, config)
+    fingerprint = input_fingerprint(layout, config, fingerprints)
     storage = layout.storage
     if storage.exists(MANIFEST_KEY):
         previous = storage.read_json(MANIFEST_KEY)

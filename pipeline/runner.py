@@ -183,17 +183,35 @@ def summarise(
     )
 
 
-def _execute(config: RunConfig, layout: RunLayout, stage: str, tasks: list[ShardTask]) -> list[ShardReport]:
+# Stage command name -> the stages whose shards it writes, and the commands that depend on it.
+STAGE_SHARDS = {"crawl": "crawl", "segment": "segment", "caption": "caption", "build-corpus": "corpus"}
+
+
+def with_dependents(stages: set[str]) -> set[str]:
+    """``--force segment`` also recomputes caption and build-corpus (everything after it)."""
+    unknown = stages - set(STAGE_ORDER)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_ORDER)}")
+    if not stages:
+        return set()
+    first = min(STAGE_ORDER.index(s) for s in stages)
+    return set(STAGE_ORDER[first:])
+
+
+def _execute(
+    config: RunConfig, layout: RunLayout, stage: str, tasks: list[ShardTask], force: bool = False
+) -> list[ShardReport]:
     spec = stage_specs(config)[stage]
     stage_instance = spec.build()
     stage_instance.preflight()
     fingerprint = stage_instance.fingerprint()
-    pending = tasks if tasks and tasks[0].mode != "compute" else pending_tasks(layout, tasks, fingerprint)
+    recompute_all = force or (tasks and tasks[0].mode != "compute")
+    pending = tasks if recompute_all else pending_tasks(layout, tasks, fingerprint)
     logger.info("%s: %d shards planned, %d to compute", stage, len(tasks), len(pending))
     return list(make_executor(config.executor).run(spec, layout.storage, fingerprint, pending))
 
 
-def run_crawl(config: RunConfig, *, retry_failed: bool = False) -> StageRunResult:
+def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:
     """Crawl every planned shard that is not complete and fresh (or retry transient failures)."""
     started = time.perf_counter()
     layout = open_run(config)
@@ -202,7 +220,7 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False) -> StageRunResul
     else:
         write_snapshot(layout, config)
         tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
-    reports = _execute(config, layout, "crawl", tasks)
+    reports = _execute(config, layout, "crawl", tasks, force=force and not retry_failed)
     if config.crawl.dedup:
         dedup = run_dedup(layout, config.crawl.near_dup_max_distance)
     else:
@@ -224,7 +242,7 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False) -> StageRunResul
     return result
 
 
-def run_segment(config: RunConfig) -> StageRunResult:
+def run_segment(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Propose regions for every crawl shard whose segment shard is missing or stale."""
     started = time.perf_counter()
     layout = open_run(config)
@@ -232,13 +250,13 @@ def run_segment(config: RunConfig) -> StageRunResult:
     tasks = plan_segment(layout)
     if not tasks:
         raise ValueError(f"{config.run_root} has no crawl shards to segment: run 'ps3-engine crawl' first")
-    reports = _execute(config, layout, "segment", tasks)
+    reports = _execute(config, layout, "segment", tasks, force=force)
     result = summarise(layout, "segment", reports, len(tasks), time.perf_counter() - started)
     write_summary(layout, [result], reports)
     return result
 
 
-def run_caption(config: RunConfig) -> StageRunResult:
+def run_caption(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Caption the regions (and images) of every segment shard whose caption shard is missing or stale."""
     started = time.perf_counter()
     layout = open_run(config)
@@ -246,13 +264,13 @@ def run_caption(config: RunConfig) -> StageRunResult:
     tasks = plan_caption(layout)
     if not tasks:
         raise ValueError(f"{config.run_root} has no segment shards to caption: run 'ps3-engine segment' first")
-    reports = _execute(config, layout, "caption", tasks)
+    reports = _execute(config, layout, "caption", tasks, force=force)
     result = summarise(layout, "caption", reports, len(tasks), time.perf_counter() - started)
     write_summary(layout, [result], reports)
     return result
 
 
-def run_build_corpus(config: RunConfig) -> StageRunResult:
+def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Per-shard corpus rows (incremental), then the packed dataset with its manifest and pairs view."""
     started = time.perf_counter()
     layout = open_run(config)
@@ -260,7 +278,7 @@ def run_build_corpus(config: RunConfig) -> StageRunResult:
     tasks = plan_corpus_rows(layout)
     if not tasks:
         raise ValueError(f"{config.run_root} has no caption shards: run 'ps3-engine caption' first")
-    reports = _execute(config, layout, "corpus", tasks)
+    reports = _execute(config, layout, "corpus", tasks, force=force)
     dataset = build_corpus(
         layout,
         config.corpus,
@@ -301,8 +319,11 @@ STAGE_RUNNERS = {
 }
 
 
-def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> list[StageRunResult]:
-    """Run the requested stages in order. Stages not implemented yet are reported, not faked."""
+def run_pipeline(
+    config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER, force: frozenset[str] = frozenset()
+) -> list[StageRunResult]:
+    """Run the requested stages in order; ``force`` stages (and their dependents) recompute every shard."""
+    forced = with_dependents(set(force))
     missing = [s for s in stages if s not in IMPLEMENTED_STAGES]
     if missing:
         logger.warning(
@@ -311,7 +332,7 @@ def run_pipeline(config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER) -> li
     results = []
     for stage in stages:
         if stage in STAGE_RUNNERS:
-            results.append(STAGE_RUNNERS[stage](config))
+            results.append(STAGE_RUNNERS[stage](config, force=stage in forced))
             if results[-1].failed_shards:
                 logger.error(
                     "%s: %d shards failed; later stages run on the rest", stage, len(results[-1].failed_shards)

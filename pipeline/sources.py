@@ -140,8 +140,10 @@ def _write_input_shard(layout: RunLayout, shard_id: str, table: pa.Table, checks
     layout.storage.write_parquet_atomic(key, table)
 
 
-def plan_crawl(layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings) -> list[ShardTask]:
-    """Plan (and persist) crawl input shards. Unchanged shards are not rewritten."""
+def plan_crawl(
+    layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings, persist: bool = True
+) -> list[ShardTask]:
+    """Plan (and, with ``persist``, write) crawl input shards. Unchanged shards are not rewritten."""
     if not sources:
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     tasks: list[ShardTask] = []
@@ -154,6 +156,7 @@ def plan_crawl(layout: RunLayout, sources: list[str], shard_size: int, s3: S3Set
             checksum = items_checksum(chunk)
             writes.append((shard_id, rows_to_table(chunk, CRAWL_ITEM_SCHEMA), checksum))
             tasks.append(ShardTask("crawl", shard_id, RunLayout.crawl_input_key(shard_id), checksum, (source,)))
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda w: _write_input_shard(layout, *w), writes))
+    if persist:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda w: _write_input_shard(layout, *w), writes))
     return tasks

@@ -64,7 +64,7 @@ class CrawlConfig(BaseModel):
     min_long_side: int = Field(1024, ge=1)
     max_long_side: int | None = Field(None, ge=1)
     max_pixels: int = Field(64_000_000, ge=1, le=PIL_HARD_PIXEL_LIMIT)
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "MPO")
+    allowed_formats: tuple[str, ...] = ("BMP", "JPEG", "MPO", "PNG", "TIFF", "WEBP")  # sorted, as validated
     image_storage: Literal["bytes", "reference"] = "bytes"
     honour_opt_out: bool = True
     opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")

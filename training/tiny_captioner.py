@@ -193,5 +193,5 @@ def _train(model, processor, scenes: list[tuple[Image.Image, str]], steps: int, 
         optimizer.step()
         optimizer.zero_grad()
         if step % 40 == 0 or step == steps - 1:
-            logger.info("tiny captioner step %d/%d loss %.3f", step + 1, steps, float(loss))
+            logger.info("tiny captioner step %d/%d loss %.3f", step + 1, steps, float(loss.detach()))
     model.eval()

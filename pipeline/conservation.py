@@ -1,0 +1,139 @@
+"""Conservation check (``ps3-engine status --check``): every item that entered a stage left it exactly once.
+
+Per stage and shard, the items a stage was given are recomputed from its committed input, and each
+must appear in the stage's output or in its errors table, and nothing may appear twice:
+
+* crawl: planned items -> image rows + error rows (by ``item_id``);
+* segment: kept images (crawl rows minus dedup drops) -> images with regions + error rows;
+* caption: regions (and one global request per image) -> caption rows + error rows; an image whose
+  decode failed covers all its requests with one error row;
+* corpus: images with regions -> corpus rows + error rows; the packed dataset holds each corpus row once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from pipeline.layout import RunLayout
+
+
+@dataclass(frozen=True)
+class Gap:
+    stage: str
+    shard_id: str
+    problem: str  # "missing_shard" | "lost" | "duplicated" | "unexpected" | "dataset_mismatch"
+    count: int
+    examples: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.stage}/{self.shard_id}: {self.count} {self.problem} e.g. {', '.join(self.examples[:3])}"
+
+
+def _compare(stage: str, shard: str, expected: set[str], seen: list[str], gaps: list[Gap]) -> None:
+    counts = Counter(seen)
+    lost = sorted(expected - set(counts))
+    duplicated = sorted(k for k, n in counts.items() if n > 1)
+    unexpected = sorted(set(counts) - expected)
+    for problem, items in (("lost", lost), ("duplicated", duplicated), ("unexpected", unexpected)):
+        if items:
+            gaps.append(Gap(stage, shard, problem, len(items), tuple(items[:5])))
+
+
+def _column(layout: RunLayout, key: str, column: str) -> list:
+    return layout.storage.read_parquet(key, columns=[column]).column(column).to_pylist()
+
+
+def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
+    """All conservation gaps of a run (empty when every item is accounted for exactly once)."""
+    gaps: list[Gap] = []
+    crawl = layout.manifests("crawl")
+    planned = sorted(o.key.rsplit("/", 1)[-1].removesuffix(".parquet") for o in layout.storage.list("crawl/_input/"))
+    dropped = layout.dropped_item_ids()
+    kept_images: dict[str, set[str]] = {}
+    for shard in planned:
+        entry = crawl.get(shard)
+        if entry is None:
+            gaps.append(Gap("crawl", shard, "missing_shard", 1, (shard,)))
+            continue
+        expected = set(_column(layout, RunLayout.crawl_input_key(shard), "item_id"))
+        images = layout.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist()
+        errors = _column(layout, entry.errors_key, "item_id")
+        _compare("crawl", shard, expected, [r["item_id"] for r in images] + errors, gaps)
+        kept_images[shard] = {r["image_id"] for r in images if r["item_id"] not in dropped}
+
+    segment = layout.manifests("segment")
+    images_with_regions: dict[str, set[str]] = {}
+    regions_of: dict[str, dict[str, list[str]]] = {}
+    for shard, images in sorted(kept_images.items()):
+        entry = segment.get(shard)
+        if entry is None:
+            if segment:
+                gaps.append(Gap("segment", shard, "missing_shard", 1, (shard,)))
+            continue
+        regions = layout.storage.read_parquet(entry.output_key, columns=["region_id", "image_id"]).to_pylist()
+        by_image: dict[str, list[str]] = {}
+        for row in regions:
+            by_image.setdefault(row["image_id"], []).append(row["region_id"])
+        region_counts = Counter(r["region_id"] for r in regions)
+        duplicated = sorted(k for k, n in region_counts.items() if n > 1)
+        if duplicated:
+            gaps.append(Gap("segment", shard, "duplicated", len(duplicated), tuple(duplicated[:5])))
+        _compare("segment", shard, images, list(by_image) + _column(layout, entry.errors_key, "item_id"), gaps)
+        images_with_regions[shard] = set(by_image)
+        regions_of[shard] = by_image
+
+    caption = layout.manifests("caption")
+    for shard, by_image in sorted(regions_of.items()):
+        entry = caption.get(shard)
+        if entry is None:
+            if caption:
+                gaps.append(Gap("caption", shard, "missing_shard", 1, (shard,)))
+            continue
+        rows = layout.storage.read_parquet(entry.output_key, columns=["image_id", "region_id", "kind"]).to_pylist()
+        errors = set(_column(layout, entry.errors_key, "item_id"))
+        error_list = _column(layout, entry.errors_key, "item_id")
+        expected: set[str] = set()
+        for image_id, region_ids in by_image.items():
+            if image_id in errors:  # the image itself failed (e.g. undecodable): one row covers it
+                continue
+            expected.update(region_ids)
+            if global_captions:
+                expected.add(f"{image_id}:global")
+        seen = [r["region_id"] if r["kind"] == "local" else f"{r['image_id']}:global" for r in rows]
+        seen += [e for e in error_list if e not in by_image]
+        _compare("caption", shard, expected, seen, gaps)
+
+    corpus = layout.manifests("corpus")
+    corpus_rows = 0
+    for shard, images in sorted(images_with_regions.items()):
+        entry = corpus.get(shard)
+        if entry is None:
+            if corpus:
+                gaps.append(Gap("corpus", shard, "missing_shard", 1, (shard,)))
+            continue
+        seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
+        corpus_rows += entry.output_rows
+        _compare("corpus", shard, images, seen, gaps)
+
+    if layout.storage.exists(DATASET_MANIFEST_KEY):
+        manifest = layout.storage.read_json(DATASET_MANIFEST_KEY)
+        ids: list[str] = []
+        for shard in manifest["shards"]:
+            ids += _column(layout, shard["key"], "image_id")
+        counted = sum(split["images"] for split in manifest["counts"].values())
+        duplicated = sorted(k for k, n in Counter(ids).items() if n > 1)
+        if duplicated:
+            gaps.append(Gap("dataset", "-", "duplicated", len(duplicated), tuple(duplicated[:5])))
+        if not (len(ids) == counted == corpus_rows):
+            gaps.append(
+                Gap(
+                    "dataset",
+                    "-",
+                    "dataset_mismatch",
+                    abs(len(ids) - corpus_rows),
+                    (f"shards hold {len(ids)}, manifest says {counted}, corpus stage has {corpus_rows}",),
+                )
+            )
+    return gaps

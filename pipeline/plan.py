@@ -1,0 +1,90 @@
+"""``ps3-engine plan``: what a rerun with a given config would recompute, per stage and shard, and why.
+
+Nothing is written. Every stage has one shard per crawl shard, so the crawl plan gives the universe
+of shard ids; a shard of a later stage is recomputed when it is missing, when its stage fingerprint
+changed (config, schema or code version), when its committed input changed, or when the same shard of
+an earlier stage is recomputed (its input will change).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.config import RunConfig
+from pipeline.layout import RunLayout, ShardTask
+from pipeline.runner import (
+    STAGE_ORDER,
+    STAGE_SHARDS,
+    open_run,
+    plan_caption,
+    plan_corpus_rows,
+    plan_segment,
+    stage_fingerprints,
+    with_dependents,
+)
+from pipeline.sources import plan_crawl
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    shards: int
+    recompute: dict[str, str] = field(default_factory=dict)  # shard id -> reason
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return dict(Counter(self.recompute.values()))
+
+
+def _reason(layout: RunLayout, task: ShardTask | None, fingerprint: str, entry) -> str | None:
+    if task is None:
+        return "input not computed yet"
+    if entry is None or not layout.storage.exists(entry.output_key) or not layout.storage.exists(entry.errors_key):
+        return "missing"
+    if entry.config_fingerprint != fingerprint:
+        return "config changed"
+    if entry.input_checksum != task.input_checksum:
+        return "input changed"
+    return None
+
+
+def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[StagePlan]:
+    layout = open_run(config)
+    fingerprints = stage_fingerprints(config)
+    forced = with_dependents(set(force))
+    if config.sources:
+        crawl_tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3, persist=False)
+    else:  # plan against the input shards the run already has
+        crawl_tasks = [
+            ShardTask("crawl", key.rsplit("/", 1)[-1].removesuffix(".parquet"), key, entry.input_checksum, ())
+            for key, entry in (
+                (RunLayout.crawl_input_key(shard), entry) for shard, entry in layout.manifests("crawl").items()
+            )
+        ]
+    universe = sorted(t.shard_id for t in crawl_tasks)
+    planners = {
+        "crawl": lambda: crawl_tasks,
+        "segment": lambda: plan_segment(layout),
+        "caption": lambda: plan_caption(layout),
+        "build-corpus": lambda: plan_corpus_rows(layout),
+    }
+    plans: list[StagePlan] = []
+    upstream: set[str] = set()
+    for stage in STAGE_ORDER:
+        shard_stage = STAGE_SHARDS[stage]
+        tasks = {t.shard_id: t for t in planners[stage]()}
+        manifests = layout.manifests(shard_stage)
+        plan = StagePlan(stage, len(universe))
+        for shard_id in universe:
+            if stage in forced:
+                reason: str | None = "forced"
+            elif shard_id in upstream:
+                reason = "upstream shard recomputes"
+            else:
+                reason = _reason(layout, tasks.get(shard_id), fingerprints[shard_stage], manifests.get(shard_id))
+            if reason:
+                plan.recompute[shard_id] = reason
+        upstream = set(plan.recompute)
+        plans.append(plan)
+    return plans
