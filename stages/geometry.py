@@ -82,8 +82,11 @@ def fit_to_pixel_budget(
         scale = math.sqrt(max_pixels / (width * height))
     elif width * height < min_pixels:
         scale = math.sqrt(min_pixels / (width * height))
-    new_w = max(factor, round(width * scale / factor) * factor)
-    new_h = max(factor, round(height * scale / factor) * factor)
+    # Scaling up to reach min_pixels rounds sides up (as Qwen2-VL's own resize does) so the result
+    # cannot fall back below the floor; otherwise round to the nearest multiple.
+    to_grid = math.ceil if scale > 1.0 else round
+    new_w = max(factor, to_grid(width * scale / factor) * factor)
+    new_h = max(factor, to_grid(height * scale / factor) * factor)
     # Rounding up can overshoot the budget; step the longer side down until it fits.
     while new_w * new_h > max_pixels:
         if new_w >= new_h and new_w > factor:
