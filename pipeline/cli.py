@@ -193,6 +193,24 @@ def _check(run_root: str) -> int:
     return 1 if gaps else 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    job_id, status = submit(
+        args.address,
+        command,
+        working_dir=args.working_dir,
+        forward_credentials=args.forward_credentials,
+        wait=not args.no_wait,
+        timeout_s=args.timeout,
+    )
+    print(f"job {job_id}: {status}")
+    if args.no_wait:
+        return 0
+    return 0 if status == "SUCCEEDED" else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import build_report, write_report
 
@@ -334,6 +352,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="write the page to this local file instead of the run root")
     report.add_argument("--samples", type=int, default=6, help="number of sample images")
     report.set_defaults(func=cmd_report)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run a ps3-engine command on a Ray cluster through the job API",
+        description="Submit 'ps3-engine ARGS...' as a Ray job with this directory as working_dir (virtualenvs, "
+        "run outputs and caches excluded) and the S3 endpoint/region environment; credentials are only "
+        "forwarded with --forward-credentials. Example: ps3-engine submit --address http://HEAD:8265 -- "
+        "run --config configs/production.yaml",
+    )
+    submit.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", default=".")
+    submit.add_argument("--forward-credentials", action="store_true", help="also send AWS_* credentials")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    submit.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then the ps3-engine arguments")
+    submit.set_defaults(func=cmd_submit)
 
     demo = sub.add_parser(
         "demo",

@@ -105,7 +105,10 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
         "-s3",
         f"-s3.port={ports['s3']}",
         f"-s3.port.grpc={ports['s3.grpc']}",
-        "-s3.port.iceberg=0",  # its default fixed port 8181 collides between concurrent test sessions
+        # The Iceberg and Lance side servers default to fixed ports (8181, 9101) that collide between
+        # concurrent test sessions; the tests need neither.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         f"-s3.config={config_path}",
         f"-master.port={ports['master']}",
         f"-master.port.grpc={ports['master.grpc']}",
