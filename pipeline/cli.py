@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -211,6 +212,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from infra.storage import S3Settings
+    from training.ps3.recipes import load_recipe
+    from training.ps3.train import CorpusRejected, launch
+
+    overrides = {}
+    for override in args.overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        key, value = override.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    if args.tokenizer:
+        overrides["tokenizer"] = args.tokenizer
+    recipe = load_recipe(args.recipe, overrides)
+    if recipe.tokenizer is None and recipe.model.pretrained is None:
+        from training.ps3.tokenizer import build_tiny_text_tokenizer
+
+        cache = Path(os.environ.get("PS3_CACHE", "~/.cache/ps3-engine")).expanduser() / "tiny-text-tokenizer"
+        recipe = recipe.model_copy(update={"tokenizer": str(build_tiny_text_tokenizer(cache))})
+    try:
+        result = launch(args.corpus, recipe, args.storage_path, args.name or recipe.name, S3Settings())
+    except CorpusRejected as exc:
+        print(f"ps3-engine: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"[train ps3] {result.run_name}: {result.steps} steps, loss {result.metrics.get('total', float('nan')):.4f}; "
+        f"checkpoint {result.checkpoint_path}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import build_report, write_report
 
@@ -368,6 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     submit.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then the ps3-engine arguments")
     submit.set_defaults(func=cmd_submit)
+
+    train = sub.add_parser(
+        "train",
+        help="launch a training job on corpus shards with Ray Train (ps3)",
+        description="Pre-train PS3 on the corpus of a run root (its dataset/ written by build-corpus, local or S3). "
+        "The corpus manifest is checked before any worker starts; checkpoints go to --storage-path and a "
+        "relaunch with the same --name resumes from the latest one.",
+    )
+    train.add_argument("job", choices=["ps3"], help="which model to train")
+    train.add_argument("--corpus", required=True, help="run root holding dataset/ (local or s3://)")
+    train.add_argument("--recipe", default="debug", help="debug | paper-1.5k")
+    train.add_argument("--storage-path", default="runs/training", help="checkpoints and results (local or s3://)")
+    train.add_argument("--name", help="run name (default: the recipe name); the same name resumes")
+    train.add_argument("--tokenizer", help="tokenizer folder (default: the model's pretrained path)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser(
         "demo",

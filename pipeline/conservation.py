@@ -126,6 +126,12 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         duplicated = sorted(k for k, n in Counter(ids).items() if n > 1)
         if duplicated:
             gaps.append(Gap("dataset", "-", "duplicated", len(duplicated), tuple(duplicated[:5])))
+        listed = {s["key"] for s in manifest["shards"]} | {s["pairs_key"] for s in manifest["shards"]}
+        strays = sorted(
+            o.key for o in layout.storage.list("dataset/") if o.key.endswith(".parquet") and o.key not in listed
+        )
+        if strays:  # files of an unfinished or crashed rebuild: a glob of the folders would read them
+            gaps.append(Gap("dataset", "-", "unexpected", len(strays), tuple(strays[:5])))
         if not (len(ids) == counted == corpus_rows):
             gaps.append(
                 Gap(

@@ -1,10 +1,15 @@
 """Corpus build: per-shard corpus rows -> size-targeted, split Parquet shards, a flat pairs view, a manifest.
 
 ```
-dataset/train/shard-00000.parquet          CORPUS_SCHEMA rows (one image each), ~corpus.target_shard_bytes
-dataset/validation/shard-00000.parquet
-dataset/pairs/train/shard-00000.parquet    PAIRS_SCHEMA: one (box, caption) per row, pointing at its image row
-dataset/manifest.json                      counts, sources, fingerprints, schema version, shard list; written last
+dataset/train/shard-<build>-00000.parquet        CORPUS_SCHEMA rows (one image each), ~corpus.target_shard_bytes
+dataset/validation/shard-<build>-00000.parquet
+dataset/pairs/train/shard-<build>-00000.parquet  PAIRS_SCHEMA: one (box, caption) per row, pointing at its image
+dataset/manifest.json                            counts, sources, fingerprints, schema version, shard list; last
+```
+A rebuild writes a new build's files next to the old ones, switches ``manifest.json``, then deletes the
+old build's files. Readers that go through the manifest never see a mix; a plain glob of the split
+folders can see both builds while a rebuild is running (or after one crashed, until the rerun).
+```
 ```
 The pack is planned in the driver from row counts and file sizes only, then each output shard is
 written by its own worker (Ray tasks on a Ray executor). A rebuild happens only when the per-shard
@@ -65,18 +70,23 @@ class RowSlice:
 
 @dataclass
 class OutputShard:
+    """One packed shard. Its file names carry the build id (the first characters of the input
+    fingerprint), so a rebuild never overwrites a file the current manifest lists: readers going through
+    the manifest see either the old build or the new one, never a mix, even if a rebuild crashes."""
+
     split: str
     index: int
     slices: list[RowSlice] = field(default_factory=list)
     estimated_bytes: float = 0.0
+    build: str = ""
 
     @property
     def key(self) -> str:
-        return f"{DATASET_PREFIX}/{self.split}/shard-{self.index:05d}.parquet"
+        return f"{DATASET_PREFIX}/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
 
     @property
     def pairs_key(self) -> str:
-        return f"{DATASET_PREFIX}/pairs/{self.split}/shard-{self.index:05d}.parquet"
+        return f"{DATASET_PREFIX}/pairs/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
 
 
 @dataclass
@@ -105,7 +115,7 @@ def input_fingerprint(layout: RunLayout, config: CorpusConfig, fingerprints: dic
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def plan_pack(layout: RunLayout, target_bytes: int) -> list[OutputShard]:
+def plan_pack(layout: RunLayout, target_bytes: int, build: str = "") -> list[OutputShard]:
     """Assign input rows to output shards per split, in input order, by estimated bytes per row."""
     sizes = {obj.key: obj.size for obj in layout.storage.list("corpus/")}
     current: dict[str, OutputShard] = {}
@@ -122,7 +132,7 @@ def plan_pack(layout: RunLayout, target_bytes: int) -> list[OutputShard]:
                 shard = current.get(split)
                 if shard is None:
                     index = sum(1 for s in finished if s.split == split)
-                    shard = current[split] = OutputShard(split, index)
+                    shard = current[split] = OutputShard(split, index, build=build)
                 room = max(1, int((target_bytes - shard.estimated_bytes) // max(bytes_per_row, 1.0)))
                 take = indices[start : start + room]
                 shard.slices.append(RowSlice(entry.output_key, tuple(take)))
@@ -201,7 +211,7 @@ def build_corpus(
         if previous.get("input_fingerprint") == fingerprint:
             logger.info("corpus: dataset is up to date (%s)", fingerprint)
             return CorpusResult(False, previous)
-    plan = plan_pack(layout, config.target_shard_bytes)
+    plan = plan_pack(layout, config.target_shard_bytes, build=fingerprint[:8])
     logger.info("corpus: packing into %d shards", len(plan))
     if use_ray and plan:
         import ray
@@ -218,12 +228,13 @@ def build_corpus(
             write_output_shard(storage, shard)
             for shard in tqdm(plan, desc="corpus shards", unit="shard", disable=not progress)
         ]
+    manifest = _manifest(written, fingerprint, fingerprints, config)
+    # The manifest switches readers to the new build; only then do the old build's files go.
+    storage.write_json_atomic(MANIFEST_KEY, manifest)
     keep = {s["key"] for s in written} | {s["pairs_key"] for s in written}
     for obj in storage.list(DATASET_PREFIX + "/"):
         if obj.key.endswith(".parquet") and obj.key not in keep:
-            storage.delete(obj.key)  # shards of an earlier, larger build
-    manifest = _manifest(written, fingerprint, fingerprints, config)
-    storage.write_json_atomic(MANIFEST_KEY, manifest)
+            storage.delete(obj.key)
     return CorpusResult(True, manifest)
 
 

@@ -15,7 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """A local Ray for the session. It starts after the S3 server so its workers inherit the S3 env."""
     import ray
 
     if not ray.is_initialized():

@@ -110,7 +110,29 @@ def ray_head(tmp_path_factory):
     probe = submit_when_ready(client, entrypoint="true")
     wait_for_job(client, probe, timeout_s=120)
     yield address, f"127.0.0.1:{port}", env
-    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Kill only this cluster's processes (their command lines name its temp dir).
+
+    ``ray stop`` would kill every Ray on the machine, including the session's own local Ray.
+    """
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(temp_dir) in cmdline:
+            mine.append(process)
+    for process in mine:
+        try:
+            for child in process.children(recursive=True):
+                child.kill()
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(mine, timeout=30)
 
 
 def test_ray_job_submit_runs_the_pipeline_into_s3(ray_head, s3_server, s3_bucket, tiny_captioner, tmp_path):

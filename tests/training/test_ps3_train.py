@@ -1,0 +1,94 @@
+"""The PS3 launcher on local Ray Train: corpus check first, checkpoints to S3, resume, non-finite stop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from infra.storage import S3Settings, Storage
+from pipeline.cli import main
+from pipeline.corpus import MANIFEST_KEY
+from tests.training.test_ps3_data import write_corpus
+from training.ps3.recipes import load_recipe
+from training.ps3.tokenizer import build_tiny_text_tokenizer
+from training.ps3.train import CorpusRejected, launch, lr_at
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-corpus")
+    write_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def debug_recipe(tmp_path_factory):
+    tokenizer = build_tiny_text_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    # The test corpus has 5 training images: 2 workers x 2 samples per step.
+    return load_recipe("debug", {"tokenizer": str(tokenizer), "batch_size_per_worker": 2, "max_steps": 3})
+
+
+@given(st.integers(0, 5000))
+def test_lr_warms_up_then_decays(step):
+    recipe = load_recipe("paper-1.5k")
+    factor = lr_at(step, recipe)
+    assert 0.0 <= factor <= 1.0
+    if step < recipe.warmup_steps:
+        assert factor == pytest.approx((step + 1) / recipe.warmup_steps)
+    elif step > recipe.warmup_steps:
+        assert factor <= lr_at(step - 1, recipe) + 1e-12
+
+
+def test_recipes_validate_their_settings():
+    paper = load_recipe("paper-1.5k")
+    assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.betas) == (5e-6, 1500, 3e-4, (0.9, 0.95))
+    assert paper.model.max_select == 2560 and paper.global_caption_prob == 0.25
+    with pytest.raises(ValueError, match="needs use_gpu"):
+        load_recipe("debug", {"precision": "bf16"})
+    with pytest.raises(ValueError, match="unknown recipe"):
+        load_recipe("nope")
+
+
+def test_a_broken_corpus_is_refused_before_anything_starts(corpus, debug_recipe, tmp_path):
+    broken = tmp_path / "broken"
+    storage = Storage(str(broken))
+    manifest = Storage(str(corpus)).read_json(MANIFEST_KEY)
+    storage.write_json_atomic(MANIFEST_KEY, {**manifest, "schema_version": 99})
+    with pytest.raises(CorpusRejected, match="schema_version"):
+        launch(str(broken), debug_recipe, str(tmp_path / "store"), "refused")
+    assert not (tmp_path / "store").exists()  # no trainer, no run folder
+
+
+def test_checkpoints_to_s3_and_resumes_from_the_latest(ray_local, s3_server, s3_bucket, corpus, debug_recipe):
+    storage_path = f"s3://{s3_bucket}/training"
+    s3 = S3Settings()
+    first = launch(str(corpus), debug_recipe, storage_path, "resume-me", s3)
+    assert first.steps == 3 and first.metrics["resumed_from_step"] == 0
+    assert all(math.isfinite(first.metrics[k]) for k in ("total", "contrastive", "prior_bce", "posterior_bce"))
+    keys = [o.key for o in Storage(storage_path, s3).list("resume-me/")]
+    assert any(k.endswith("state.pt") for k in keys) and any(k.endswith("recipe.json") for k in keys)
+    longer = debug_recipe.model_copy(update={"max_steps": 5})
+    second = launch(str(corpus), longer, storage_path, "resume-me", s3)
+    assert second.steps == 5 and second.metrics["resumed_from_step"] == 3
+
+
+def test_a_non_finite_loss_stops_training(ray_local, corpus, debug_recipe, tmp_path):
+    poisoned = load_recipe(
+        "debug",
+        {
+            **debug_recipe.model_dump(mode="json"),
+            "model": {**debug_recipe.model.model_dump(mode="json"), "logit_bias_init": float("nan")},
+        },
+    )
+    with pytest.raises(Exception, match="loss is nan"):
+        launch(str(corpus), poisoned, str(tmp_path / "store"), "nan")
+
+
+def test_cli_trains_the_debug_recipe(ray_local, corpus, debug_recipe, tmp_path, capsys):
+    argv = ["train", "ps3", "--corpus", str(corpus), "--recipe", "debug", "--storage-path", str(tmp_path / "store")]
+    argv += ["--tokenizer", debug_recipe.tokenizer, "--set", "batch_size_per_worker=2", "--set", "max_steps=2"]
+    assert main(argv) == 0
+    assert "[train ps3] debug: 2 steps" in capsys.readouterr().out

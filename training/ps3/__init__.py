@@ -1,0 +1,1 @@
+"""PS3 pre-training: model (``model``), losses, data and the Ray Train launcher (``train``)."""
