@@ -76,7 +76,10 @@ def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
             f"{sum(result.filtered_by_reason.values())} filtered {result.filtered_by_reason}; "
             f"{sum(result.errors_by_reason.values())} failed {result.errors_by_reason}"
         )
-        print(f"[{result.stage}] wall {result.wall_s:.1f}s, {result.throughput_rows_per_s:.1f} items/s")
+        print(
+            f"[{result.stage}] wall {result.wall_s:.1f}s, {result.throughput_rows_per_s:.1f} items/s, "
+            f"{result.workers} workers {result.busy_fraction:.0%} busy"
+        )
         if result.dataset:
             for split, counts in sorted(result.dataset["counts"].items()):
                 print(

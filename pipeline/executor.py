@@ -98,6 +98,8 @@ def _progress(reports: Iterator[ShardReport], total: int, stage: str, enabled: b
 
 
 class InProcessExecutor:
+    num_workers = 1
+
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
 
@@ -130,6 +132,7 @@ def ensure_ray(address: str | None) -> None:
 class RayDataExecutor:
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
+        self.num_workers = 0  # stage workers of the last run (for the busy fraction in the summary)
 
     @staticmethod
     def _fit_resources(resources: Resources, stage: str) -> Resources:
@@ -166,6 +169,7 @@ class RayDataExecutor:
         ray.data.DataContext.get_current().enable_progress_bars = False
         resources = self._fit_resources(spec.build().resources, spec.stage_cls.name)
         num_workers = self._num_workers(resources, len(tasks))
+        self.num_workers = num_workers
         rows = [{"task": json.dumps(asdict(t))} for t in tasks]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}

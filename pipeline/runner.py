@@ -41,6 +41,7 @@ class StageRunResult:
     error_rows: int
     wall_s: float
     busy_s: float
+    workers: int = 1
     kept_rows: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     filtered_by_reason: dict[str, int] = field(default_factory=dict)
@@ -51,8 +52,17 @@ class StageRunResult:
     def throughput_rows_per_s(self) -> float:
         return self.input_rows / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the stage workers' wall time spent inside the stage's batches (model actors: model work)."""
+        return self.busy_s / (self.wall_s * self.workers) if self.wall_s > 0 and self.workers else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "throughput_rows_per_s": round(self.throughput_rows_per_s, 3)}
+        return {
+            **asdict(self),
+            "throughput_rows_per_s": round(self.throughput_rows_per_s, 3),
+            "busy_fraction": round(self.busy_fraction, 3),
+        }
 
 
 def open_run(config: RunConfig) -> RunLayout:
@@ -159,6 +169,7 @@ def summarise(
     reports: list[ShardReport],
     planned: int,
     wall_s: float,
+    workers: int = 1,
     kept_rows: int | None = None,
     dedup: dict[str, Any] | None = None,
 ) -> StageRunResult:
@@ -176,6 +187,7 @@ def summarise(
         error_rows=len(errors),
         wall_s=wall_s,
         busy_s=sum(r.busy_s for r in computed),
+        workers=workers,
         kept_rows=output_rows if kept_rows is None else kept_rows,
         errors_by_reason=dict(Counter(e["reason"] for e in errors if e["category"] == "failed")),
         filtered_by_reason=dict(Counter(e["reason"] for e in errors if e["category"] == "filtered")),
@@ -208,7 +220,14 @@ def _execute(
     recompute_all = force or (tasks and tasks[0].mode != "compute")
     pending = tasks if recompute_all else pending_tasks(layout, tasks, fingerprint)
     logger.info("%s: %d shards planned, %d to compute", stage, len(tasks), len(pending))
-    return list(make_executor(config.executor).run(spec, layout.storage, fingerprint, pending))
+    executor = make_executor(config.executor)
+    reports = list(executor.run(spec, layout.storage, fingerprint, pending))
+    _last_workers[stage] = max(1, executor.num_workers)
+    return reports
+
+
+# Workers used by the last execution of each stage in this process (for the summary's busy fraction).
+_last_workers: dict[str, int] = {}
 
 
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:
@@ -235,6 +254,7 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = Fa
         reports,
         len(tasks),
         time.perf_counter() - started,
+        _last_workers.get("crawl", 1),
         kept_rows=dedup.kept if dedup else None,
         dedup=asdict(dedup) if dedup else None,
     )
@@ -251,7 +271,9 @@ def run_segment(config: RunConfig, *, force: bool = False) -> StageRunResult:
     if not tasks:
         raise ValueError(f"{config.run_root} has no crawl shards to segment: run 'ps3-engine crawl' first")
     reports = _execute(config, layout, "segment", tasks, force=force)
-    result = summarise(layout, "segment", reports, len(tasks), time.perf_counter() - started)
+    result = summarise(
+        layout, "segment", reports, len(tasks), time.perf_counter() - started, _last_workers.get("segment", 1)
+    )
     write_summary(layout, [result], reports)
     return result
 
@@ -265,7 +287,9 @@ def run_caption(config: RunConfig, *, force: bool = False) -> StageRunResult:
     if not tasks:
         raise ValueError(f"{config.run_root} has no segment shards to caption: run 'ps3-engine segment' first")
     reports = _execute(config, layout, "caption", tasks, force=force)
-    result = summarise(layout, "caption", reports, len(tasks), time.perf_counter() - started)
+    result = summarise(
+        layout, "caption", reports, len(tasks), time.perf_counter() - started, _last_workers.get("caption", 1)
+    )
     write_summary(layout, [result], reports)
     return result
 
@@ -286,7 +310,9 @@ def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResul
         use_ray=config.executor.kind == "ray",
         progress=config.executor.progress,
     )
-    result = summarise(layout, "corpus", reports, len(tasks), time.perf_counter() - started)
+    result = summarise(
+        layout, "corpus", reports, len(tasks), time.perf_counter() - started, _last_workers.get("corpus", 1)
+    )
     result.stage = "build-corpus"
     result.dataset = {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
     write_summary(layout, [result], reports)

@@ -166,7 +166,8 @@ def run_shard(
         error_rows=errors.num_rows,
         errors_by_reason=dict(Counter(errors.column("reason").to_pylist())),
         wall_s=wall_s,
-        busy_s=busy_s + prepared.prepare_s,
+        # Time inside the stage's model phase only: the CPU phase runs on other workers ahead of it.
+        busy_s=busy_s,
     )
 
 

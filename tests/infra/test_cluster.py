@@ -21,6 +21,7 @@ from infra.storage import S3Settings, Storage
 from pipeline.cli import main
 from pipeline.samples import write_scenes
 from pipeline.submit import WORKING_DIR_EXCLUDES, entrypoint, runtime_env, submit_when_ready, wait_for_job
+from training.ps3.tokenizer import build_tiny_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_DIR = ROOT / "infra" / "cluster"
@@ -203,3 +204,12 @@ def test_ray_job_submit_runs_the_pipeline_into_s3(ray_head, s3_server, s3_bucket
     assert main([*argv, "--", *command]) == 0
     rerun = storage.read_json("summary.json")
     assert all(stage["computed_shards"] == 0 for stage in rerun["stages"].values())
+
+    # A tiny PS3 pre-training job on that corpus, checkpointing to S3, through the same job API.
+    tokenizer = build_tiny_text_tokenizer(tmp_path / "tokenizer")
+    train = ["train", "ps3", "--corpus", run_root, "--recipe", "debug", "--storage-path", f"s3://{s3_bucket}/training"]
+    train += ["--name", "cluster-debug", "--tokenizer", str(tokenizer)]
+    train += ["--set", "num_workers=1", "--set", "batch_size_per_worker=2", "--set", "max_steps=2"]
+    assert main([*argv, "--", *train]) == 0
+    checkpoints = [o.key for o in Storage(f"s3://{s3_bucket}/training", storage.s3).list("cluster-debug/")]
+    assert any(key.endswith("state.pt") for key in checkpoints)
