@@ -124,3 +124,26 @@ def test_conservation_check_passes_and_catches_lost_and_duplicated_items(full_ru
     out = capsys.readouterr().out
     assert "caption/" in out and "lost" in out
     assert "segment/" in out and "duplicated" in out
+
+
+def test_every_item_of_the_bad_input_zoo_is_accounted_for_in_every_stage(zoo, tmp_path, tiny_captioner, capsys):
+    """The whole pipeline over the crawl zoo (bad HTTP answers, broken images, duplicates): no item lost."""
+    from tests.support.zoo import ZOO_CRAWL_OVERRIDES, ZOO_EXPECTED
+
+    urls = tmp_path / "zoo.txt"
+    urls.write_text("\n".join(zoo.urls()) + "\n")
+    overrides = [o for o in overrides_for(tiny_captioner) if not o.startswith("crawl.min_")]
+    config = load_run_config(
+        None,
+        [*overrides, *ZOO_CRAWL_OVERRIDES, "crawl.shard_size=8", "segment.mask_max_side=384"],
+        run_root=str(tmp_path / "run"),
+        sources=[str(urls)],
+    )
+    results = {r.stage: r for r in run_pipeline(config)}
+    crawl = results["crawl"]
+    assert crawl.kept_rows + crawl.error_rows == len(ZOO_EXPECTED)
+    assert crawl.errors_by_reason and crawl.filtered_by_reason
+    assert results["build-corpus"].kept_rows > 0
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "run"), "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
