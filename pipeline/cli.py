@@ -446,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"ps3-engine: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # storage failures (S3 down, disk full): a rerun continues where this stopped
+        logger.debug("storage failure", exc_info=True)
+        print(f"ps3-engine: storage error: {exc}; rerun the same command to continue", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
