@@ -92,3 +92,67 @@ def test_cli_trains_the_debug_recipe(ray_local, corpus, debug_recipe, tmp_path, 
     argv += ["--tokenizer", debug_recipe.tokenizer, "--set", "batch_size_per_worker=2", "--set", "max_steps=2"]
     assert main(argv) == 0
     assert "[train ps3] debug: 2 steps" in capsys.readouterr().out
+
+
+def _fixed_batch(corpus, recipe, size: int = 4) -> dict:
+    import numpy as np
+    import torch
+
+    from training.ps3.data import CorpusSampleTransform, iter_samples
+
+    transform = CorpusSampleTransform(
+        image_size=recipe.image_size,
+        tokenizer_path=recipe.tokenizer,
+        context_length=recipe.context_length,
+        global_caption_prob=0.25,
+        seed=1,
+        epoch=0,
+    )
+    samples = list(iter_samples(str(corpus), "train", transform, limit=size))
+    assert len(samples) == size
+    keys = ("pixel_values", "gt_map", "input_ids", "attention_mask", "is_global")
+    return {k: torch.from_numpy(np.stack([np.asarray(s[k]) for s in samples])) for k in keys}
+
+
+def _state(recipe):
+    import torch
+
+    from training.ps3.model import PS3CLIP
+    from training.ps3.train import TrainState
+
+    torch.manual_seed(recipe.seed)
+    return TrainState.create(PS3CLIP.from_config(recipe.model), recipe)
+
+
+def test_the_loss_decreases_over_a_few_dozen_steps(corpus, debug_recipe):
+    import torch
+
+    from training.ps3.train import train_step
+
+    recipe = debug_recipe.model_copy(update={"max_steps": 30, "warmup_steps": 3})
+    batch, state = _fixed_batch(corpus, recipe), _state(recipe)
+    losses = [train_step(state, batch, torch.device("cpu"))["total"] for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_next_step(corpus, debug_recipe, tmp_path):
+    import torch
+
+    from training.ps3.train import train_step
+
+    recipe = debug_recipe.model_copy(update={"max_steps": 10, "warmup_steps": 2})
+    batch, cpu = _fixed_batch(corpus, recipe), torch.device("cpu")
+    original = _state(recipe)
+    for _ in range(3):
+        train_step(original, batch, cpu)
+    torch.save(original.state_dict(), tmp_path / "state.pt")
+    expected = train_step(original, batch, cpu)
+
+    resumed = _state(recipe.model_copy(update={"seed": 123}))  # different init: everything must come from the file
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert resumed.step == 3
+    got = train_step(resumed, batch, cpu)
+    assert got["total"] == pytest.approx(expected["total"], rel=1e-5) and got["lr"] == expected["lr"]
+    for (name, a), b in zip(original.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name

@@ -81,93 +81,132 @@ def _param_groups(model: Any, recipe: PS3Recipe) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+@dataclass
+class TrainState:
+    """Everything a step needs and a checkpoint holds (the lr comes from the step via ``lr_at``)."""
+
+    model: Any
+    optimizer: Any
+    base_lrs: list[float]
+    recipe: PS3Recipe
+    step: int = 0
+    scaler: Any = None
+
+    @classmethod
+    def create(cls, model: Any, recipe: PS3Recipe) -> TrainState:
+        import torch
+
+        optimizer = torch.optim.AdamW(_param_groups(model, recipe), betas=recipe.betas)
+        scaler = torch.amp.GradScaler("cuda") if recipe.precision == "fp16" else None
+        return cls(model, optimizer, [g["lr"] for g in optimizer.param_groups], recipe, 0, scaler)
+
+    def state_dict(self) -> dict[str, Any]:
+        unwrapped = self.model.module if hasattr(self.model, "module") else self.model
+        return {
+            "model": unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrapped = self.model.module if hasattr(self.model, "module") else self.model
+        unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def train_step(state: TrainState, batch: dict[str, Any], device: Any) -> dict[str, float]:
+    """One optimisation step on ``batch``; raises :class:`NonFiniteLoss` instead of stepping on NaN/inf."""
+    import torch
+
+    from training.ps3.losses import ps3_loss
+
+    recipe = state.recipe
+    for group, base in zip(state.optimizer.param_groups, state.base_lrs, strict=True):
+        group["lr"] = base * lr_at(state.step, recipe)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outputs = state.model(
+            images=batch["pixel_values"].to(device),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            gt_maps=batch["gt_map"].to(device).float(),
+            is_global=batch["is_global"].to(device).bool(),
+        )
+    losses = ps3_loss(outputs, prior_weight=recipe.prior_loss_weight, posterior_weight=recipe.posterior_loss_weight)
+    loss = losses["total"]
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss.item()} at step {state.step}; stopping (last checkpoint is kept)")
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler = state.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(state.optimizer)
+    else:
+        loss.backward()
+    if recipe.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), recipe.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
+    state.step += 1
+    return {k: float(v.detach()) for k, v in losses.items()} | {"lr": state.optimizer.param_groups[0]["lr"]}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from training.ps3.losses import ps3_loss
     from training.ps3.model import PS3CLIP
 
     recipe = PS3Recipe.model_validate(config["recipe"])
     torch.manual_seed(recipe.seed)
     model = PS3CLIP.from_config(recipe.model)
     parallel = "fsdp" if recipe.strategy == "fsdp" else "ddp"
-    model = ray.train.torch.prepare_model(model, parallel_strategy=parallel)
-    optimizer = torch.optim.AdamW(_param_groups(model, recipe), betas=recipe.betas)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    step = resumed_from = 0
+    state = TrainState.create(ray.train.torch.prepare_model(model, parallel_strategy=parallel), recipe)
+    resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-        unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = resumed_from = state["step"]
-        logger.info("resumed from step %d", step)
+            state.load_state_dict(torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False))
+        resumed_from = state.step
+        logger.info("resumed from step %d", state.step)
     device = ray.train.torch.get_device()
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
-    scaler = torch.amp.GradScaler("cuda") if recipe.precision == "fp16" else None
     shard = ray.train.get_dataset_shard("train")
     began, samples = time.perf_counter(), 0
-    while step < recipe.max_steps:
+    while state.step < recipe.max_steps:
         steps_this_pass = 0
         for batch in shard.iter_torch_batches(batch_size=recipe.batch_size_per_worker, drop_last=True):
-            if step >= recipe.max_steps:
+            if state.step >= recipe.max_steps:
                 break
             steps_this_pass += 1
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * lr_at(step, recipe)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                outputs = model(
-                    images=batch["pixel_values"].to(device),
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    gt_maps=batch["gt_map"].to(device).float(),
-                    is_global=batch["is_global"].to(device).bool(),
-                )
-            losses = ps3_loss(
-                outputs, prior_weight=recipe.prior_loss_weight, posterior_weight=recipe.posterior_loss_weight
-            )
-            loss = losses["total"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopping (last checkpoint is kept)")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if recipe.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
+            losses = train_step(state, batch, device)
             samples += batch["pixel_values"].shape[0]
             metrics = {
-                "step": step,
+                "step": state.step,
                 "resumed_from_step": resumed_from,
-                **{k: float(v.detach()) for k, v in losses.items()},
-                "lr": optimizer.param_groups[0]["lr"],
+                **losses,
                 "samples_per_s_per_worker": samples / (time.perf_counter() - began),
             }
-            if step % recipe.checkpoint_every == 0 or step == recipe.max_steps:
-                _report_with_checkpoint(model, optimizer, step, recipe, metrics)
-            elif step % recipe.log_every == 0:
+            if state.step % recipe.checkpoint_every == 0 or state.step == recipe.max_steps:
+                _report_with_checkpoint(state, metrics)
+            elif state.step % recipe.log_every == 0:
                 ray.train.report(metrics)
-        if steps_this_pass == 0 and step < recipe.max_steps:
+        if steps_this_pass == 0 and state.step < recipe.max_steps:
             raise ValueError(
                 f"this worker's share of the corpus holds fewer than batch_size_per_worker="
                 f"{recipe.batch_size_per_worker} samples: use a smaller batch or fewer workers"
             )
 
 
-def _report_with_checkpoint(model: Any, optimizer: Any, step: int, recipe: PS3Recipe, metrics: dict) -> None:
+def _report_with_checkpoint(state: TrainState, metrics: dict) -> None:
     import ray.train
     import torch
 
@@ -175,12 +214,8 @@ def _report_with_checkpoint(model: Any, optimizer: Any, step: int, recipe: PS3Re
         checkpoint = None
         # Every rank reports; only rank 0 writes the (replicated) DDP state.
         if ray.train.get_context().get_world_rank() == 0:
-            unwrapped = model.module if hasattr(model, "module") else model
-            torch.save(
-                {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                Path(folder) / "state.pt",
-            )
-            (Path(folder) / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+            torch.save(state.state_dict(), Path(folder) / "state.pt")
+            (Path(folder) / "recipe.json").write_text(json.dumps(state.recipe.model_dump(mode="json"), indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
