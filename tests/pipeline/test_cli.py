@@ -81,3 +81,13 @@ def test_example_configs_validate(name):
     config = load_run_config(Path(__file__).resolve().parents[2] / "configs" / name)
     assert config.run_root and config.caption.prompts.version == "ps3-v1"
     assert (config.segment.backend, config.caption.backend) in {("classical", "transformers"), ("sam2", "vllm")}
+
+
+def test_json_log_format_emits_one_object_per_line(capsys, tmp_path):
+    import logging
+
+    from pipeline.cli import JsonLogFormatter
+
+    record = logging.LogRecord("ps3", logging.WARNING, __file__, 1, "shard %s failed", ("s1",), None)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["level"] == "WARNING" and line["message"] == "shard s1 failed" and line["logger"] == "ps3"
