@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -262,61 +263,54 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = Fa
     return result
 
 
-def run_segment(config: RunConfig, *, force: bool = False) -> StageRunResult:
-    """Propose regions for every crawl shard whose segment shard is missing or stale."""
+def _run_downstream_stage(
+    config: RunConfig,
+    stage: str,
+    planner: Callable[[RunLayout], list[ShardTask]],
+    needs: str,
+    force: bool,
+    after: Callable[[RunLayout], dict[str, Any]] | None = None,
+) -> StageRunResult:
+    """Plan ``stage`` from its committed upstream shards, compute what is missing or stale, summarise."""
     started = time.perf_counter()
     layout = open_run(config)
     write_snapshot(layout, config)
-    tasks = plan_segment(layout)
+    tasks = planner(layout)
     if not tasks:
-        raise ValueError(f"{config.run_root} has no crawl shards to segment: run 'ps3-engine crawl' first")
-    reports = _execute(config, layout, "segment", tasks, force=force)
-    result = summarise(
-        layout, "segment", reports, len(tasks), time.perf_counter() - started, _last_workers.get("segment", 1)
-    )
+        raise ValueError(f"{config.run_root} has no {needs} shards for {stage}: run 'ps3-engine {needs}' first")
+    reports = _execute(config, layout, stage, tasks, force=force)
+    extra = after(layout) if after else None
+    result = summarise(layout, stage, reports, len(tasks), time.perf_counter() - started, _last_workers.get(stage, 1))
+    if extra is not None:
+        result.stage, result.dataset = "build-corpus", extra
     write_summary(layout, [result], reports)
     return result
+
+
+def run_segment(config: RunConfig, *, force: bool = False) -> StageRunResult:
+    """Propose regions for every crawl shard whose segment shard is missing or stale."""
+    return _run_downstream_stage(config, "segment", plan_segment, "crawl", force)
 
 
 def run_caption(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Caption the regions (and images) of every segment shard whose caption shard is missing or stale."""
-    started = time.perf_counter()
-    layout = open_run(config)
-    write_snapshot(layout, config)
-    tasks = plan_caption(layout)
-    if not tasks:
-        raise ValueError(f"{config.run_root} has no segment shards to caption: run 'ps3-engine segment' first")
-    reports = _execute(config, layout, "caption", tasks, force=force)
-    result = summarise(
-        layout, "caption", reports, len(tasks), time.perf_counter() - started, _last_workers.get("caption", 1)
-    )
-    write_summary(layout, [result], reports)
-    return result
+    return _run_downstream_stage(config, "caption", plan_caption, "segment", force)
 
 
 def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Per-shard corpus rows (incremental), then the packed dataset with its manifest and pairs view."""
-    started = time.perf_counter()
-    layout = open_run(config)
-    write_snapshot(layout, config)
-    tasks = plan_corpus_rows(layout)
-    if not tasks:
-        raise ValueError(f"{config.run_root} has no caption shards: run 'ps3-engine caption' first")
-    reports = _execute(config, layout, "corpus", tasks, force=force)
-    dataset = build_corpus(
-        layout,
-        config.corpus,
-        stage_fingerprints(config),
-        use_ray=config.executor.kind == "ray",
-        progress=config.executor.progress,
-    )
-    result = summarise(
-        layout, "corpus", reports, len(tasks), time.perf_counter() - started, _last_workers.get("corpus", 1)
-    )
-    result.stage = "build-corpus"
-    result.dataset = {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
-    write_summary(layout, [result], reports)
-    return result
+
+    def pack(layout: RunLayout) -> dict[str, Any]:
+        dataset = build_corpus(
+            layout,
+            config.corpus,
+            stage_fingerprints(config),
+            use_ray=config.executor.kind == "ray",
+            progress=config.executor.progress,
+        )
+        return {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
+
+    return _run_downstream_stage(config, "corpus", plan_corpus_rows, "caption", force, after=pack)
 
 
 def _retry_tasks(layout: RunLayout) -> list[ShardTask]:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings, read_uri_bytes
+from infra.storage import S3Settings
 from schemas import CAPTION_SCHEMA, rows_to_table
 from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 from stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
@@ -33,7 +33,7 @@ from stages.captioning.prompts import PromptTemplates
 from stages.captioning.transformers_backend import TransformersCaptioner, TransformersSettings
 from stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
 from stages.geometry import BoxXYXY, fit_to_pixel_budget, is_inside
-from stages.imaging import ImageRejected, load_rgb
+from stages.imaging import ImageRejected, load_rgb, stored_image_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +223,7 @@ class CaptionStage(Stage):
         return BatchResult(rows_to_table(prepared, CAPTION_PREPARED_SCHEMA), errors_table(errors))
 
     def _prepare_image(self, row: dict[str, Any]) -> dict[str, Any]:
-        data = row["image_bytes"]
-        if data is None:
-            ref = row["image_ref"] or ""
-            if ref.startswith(("http://", "https://")):
-                raise ValueError("image is stored as an http reference; crawl with crawl.image_storage=bytes")
-            data = read_uri_bytes(ref, self.config.s3)
+        data = stored_image_bytes(row, self.config.s3)
         image = load_rgb(data)
         if image.size != (row["width"], row["height"]):
             raise ValueError(f"decoded size {image.size} differs from the recorded {row['width']}x{row['height']}")

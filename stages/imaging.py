@@ -181,3 +181,19 @@ def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:
     if max_side is not None and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return img
+
+
+def stored_image_bytes(row: dict, s3=None) -> bytes:
+    """An image row's original bytes: kept in the row, or read from its local/S3 ``image_ref``.
+
+    Images crawled from http(s) with ``crawl.image_storage=reference`` are not fetched again here: a later
+    stage must not depend on a third-party server still serving the same bytes.
+    """
+    from infra.storage import read_uri_bytes
+
+    if row["image_bytes"] is not None:
+        return row["image_bytes"]
+    ref = row.get("image_ref") or ""
+    if ref.startswith(("http://", "https://")):
+        raise ValueError("image is stored as an http reference; crawl with crawl.image_storage=bytes")
+    return read_uri_bytes(ref, s3)

@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings, read_uri_bytes
+from infra.storage import S3Settings
 from schemas import IMAGE_SCHEMA, REGION_SCHEMA, rows_to_table
 from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 from stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
 from stages.geometry import BoxXYXY
-from stages.imaging import ImageRejected, load_rgb
+from stages.imaging import ImageRejected, load_rgb, stored_image_bytes
 from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
 from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, check_checkpoint_source, is_out_of_memory
 
@@ -151,12 +151,7 @@ class SegmentStage(Stage):
 
     # -- helpers -------------------------------------------------------------------------------
     def _working_copy(self, row: dict[str, Any]) -> np.ndarray:
-        data = row["image_bytes"]
-        if data is None:
-            ref = row["image_ref"] or ""
-            if ref.startswith(("http://", "https://")):
-                raise ValueError("image is stored as an http reference; crawl with crawl.image_storage=bytes")
-            data = read_uri_bytes(ref, self.config.s3)
+        data = stored_image_bytes(row, self.config.s3)
         return np.asarray(load_rgb(data, max_side=self.config.mask_max_side))
 
     def _error(
