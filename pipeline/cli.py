@@ -215,12 +215,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _recipe_overrides(args: argparse.Namespace) -> dict:
     import yaml
-
-    from infra.storage import S3Settings
-    from training.ps3.recipes import load_recipe
-    from training.ps3.train import CorpusRejected, launch
 
     overrides = {}
     for override in args.overrides:
@@ -230,7 +226,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides[key.strip()] = yaml.safe_load(value)
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
-    recipe = load_recipe(args.recipe, overrides)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.job == "vila-hd":
+        return _train_vila_hd(args)
+    from infra.storage import S3Settings
+    from training.ps3.recipes import load_recipe
+    from training.ps3.train import CorpusRejected, launch
+
+    recipe = load_recipe(args.recipe, _recipe_overrides(args))
     if recipe.tokenizer is None and recipe.model.pretrained is None:
         from training.ps3.tokenizer import build_tiny_text_tokenizer
 
@@ -244,6 +250,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"[train ps3] {result.run_name}: {result.steps} steps, loss {result.metrics.get('total', float('nan')):.4f}; "
         f"checkpoint {result.checkpoint_path}"
+    )
+    return 0
+
+
+def _train_vila_hd(args: argparse.Namespace) -> int:
+    from infra.storage import S3Settings
+    from training.vila_hd.recipes import load_recipe
+    from training.vila_hd.train import DataRejected, launch
+
+    recipe = load_recipe(args.recipe, _recipe_overrides(args))
+    try:
+        result = launch(args.corpus, recipe, args.storage_path, args.name or f"vila-hd-{recipe.name}", S3Settings())
+    except DataRejected as exc:
+        print(f"ps3-engine: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"[train vila-hd] {result.run_name}: {result.steps} steps, "
+        f"loss {result.metrics.get('loss', float('nan')):.4f}; checkpoint {result.checkpoint_path}"
+    )
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from infra.storage import S3Settings
+    from training.vila_hd.infer import answer
+
+    result = answer(
+        args.image,
+        args.question,
+        args.checkpoint,
+        num_select=args.num_select,
+        num_look_close=args.num_look_close,
+        look_close_mode=args.look_close_mode,
+        max_new_tokens=args.max_new_tokens,
+        s3=S3Settings(),
+        device=args.device,
+    )
+    print(
+        f"[infer vila-hd] {result.num_selected_patches} high-res patches, {result.num_vision_tokens} vision "
+        f"tokens: {result.answer}"
     )
     return 0
 
@@ -419,14 +465,37 @@ def build_parser() -> argparse.ArgumentParser:
         "The corpus manifest is checked before any worker starts; checkpoints go to --storage-path and a "
         "relaunch with the same --name resumes from the latest one.",
     )
-    train.add_argument("job", choices=["ps3"], help="which model to train")
-    train.add_argument("--corpus", required=True, help="run root holding dataset/ (local or s3://)")
-    train.add_argument("--recipe", default="debug", help="debug | paper-1.5k")
+    train.add_argument("job", choices=["ps3", "vila-hd"], help="which model to train")
+    train.add_argument(
+        "--corpus",
+        "--data",
+        dest="corpus",
+        required=True,
+        help="ps3: run root holding dataset/; vila-hd: an SFT dataset or such a corpus root (local or s3://)",
+    )
+    train.add_argument("--recipe", default="debug", help="ps3: debug | paper-1.5k; vila-hd: debug | align | full")
     train.add_argument("--storage-path", default="runs/training", help="checkpoints and results (local or s3://)")
     train.add_argument("--name", help="run name (default: the recipe name); the same name resumes")
     train.add_argument("--tokenizer", help="tokenizer folder (default: the model's pretrained path)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     train.set_defaults(func=cmd_train)
+
+    infer = sub.add_parser(
+        "infer",
+        help="answer a question about an image with a trained VILA-HD checkpoint",
+        description="Top-down selection driven by the question, with a chosen high-res token budget.",
+    )
+    infer.add_argument("job", choices=["vila-hd"])
+    infer.add_argument("--image", required=True)
+    infer.add_argument("--question", required=True)
+    infer.add_argument("--checkpoint", help="training checkpoint folder (local or s3://); default: tiny random model")
+    budget = infer.add_mutually_exclusive_group()
+    budget.add_argument("--num-select", type=int, help="high-res patches to select")
+    budget.add_argument("--num-look-close", type=int, help="selection rounds of the model's budget each")
+    infer.add_argument("--look-close-mode", choices=["after_prompt", "after_image"])
+    infer.add_argument("--max-new-tokens", type=int, default=64)
+    infer.add_argument("--device", default="cpu")
+    infer.set_defaults(func=cmd_infer)
 
     demo = sub.add_parser(
         "demo",
