@@ -17,6 +17,7 @@ from pipeline.runner import (
     run_caption,
     run_crawl,
     run_pipeline,
+    run_render,
     run_segment,
 )
 from pipeline.status import run_status
@@ -118,8 +119,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return _print_results(config, [run_caption(config, force=args.force)])
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    config = _load(args, document_sources=args.input or None)
+    return _print_results(config, [run_render(config, force=args.force)])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args, sources=args.input or None)
+    config = _load(args, sources=args.input or None, document_sources=args.documents or None)
     return _print_results(config, run_pipeline(config, force=frozenset(args.force)))
 
 
@@ -365,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--force", action="store_true", help="recompute every shard of this stage")
     caption.set_defaults(func=cmd_caption)
 
+    render = sub.add_parser(
+        "render",
+        help="document branch: rasterise PDF pages and take text-region captions from the text layer or OCR",
+        description="Render the PDFs of URL lists, folders or S3 prefixes at render.dpi (paper: 150) with page "
+        "count/size caps, and turn their text into (box, caption) pairs: sentences and runs of 15 consecutive "
+        "words, boxes in rendered-page pixels; tesseract OCR for pages without a text layer. build-corpus "
+        "then adds the pages to the corpus with source_type 'document' (no global caption).",
+    )
+    _add_run_options(render)
+    render.add_argument("--input", action="append", help="a PDF source: list, folder or s3:// prefix (repeatable)")
+    render.add_argument("--force", action="store_true", help="recompute every shard of this stage")
+    render.set_defaults(func=cmd_render)
+
     corpus = sub.add_parser(
         "build-corpus",
         help="write training-ready corpus shards (image + boxes + captions)",
@@ -384,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    run.add_argument("--documents", action="append", help="a PDF source for the document branch (repeatable)")
     run.add_argument(
         "--force",
         action="append",

@@ -16,6 +16,8 @@ from pipeline.executor import ExecutorConfig
 from stages.caption import CaptionConfig
 from stages.corpus import CorpusConfig
 from stages.crawl import CrawlConfig
+from stages.documents.corpus import DocumentCorpusConfig
+from stages.render import RenderConfig
 from stages.segment import SegmentConfig
 
 
@@ -26,12 +28,15 @@ class RunConfig(BaseModel):
 
     run_root: str = Field(..., min_length=1)
     sources: list[str] = Field(default_factory=list)
+    document_sources: list[str] = Field(default_factory=list, description="PDF lists, folders or S3 prefixes")
     s3: S3Settings = S3Settings()
     executor: ExecutorConfig = ExecutorConfig()
     crawl: CrawlConfig = CrawlConfig()
     segment: SegmentConfig = SegmentConfig()
     caption: CaptionConfig = CaptionConfig()
     corpus: CorpusConfig = CorpusConfig()
+    render: RenderConfig = RenderConfig()
+    document_corpus: DocumentCorpusConfig = DocumentCorpusConfig()
 
 
 class ConfigError(ValueError):

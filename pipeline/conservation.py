@@ -106,7 +106,8 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         _compare("caption", shard, expected, seen, gaps)
 
     corpus = layout.manifests("corpus")
-    corpus_rows = 0
+    # Every corpus shard counts towards the dataset (image shards and rendered-document shards).
+    corpus_rows = sum(entry.output_rows for entry in corpus.values())
     for shard, images in sorted(images_with_regions.items()):
         entry = corpus.get(shard)
         if entry is None:
@@ -114,9 +115,11 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
                 gaps.append(Gap("corpus", shard, "missing_shard", 1, (shard,)))
             continue
         seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
-        corpus_rows += entry.output_rows
         _compare("corpus", shard, images, seen, gaps)
 
+    from pipeline.documents import check_documents  # it builds on this module's helpers
+
+    gaps += check_documents(layout)
     if layout.storage.exists(DATASET_MANIFEST_KEY):
         manifest = layout.storage.read_json(DATASET_MANIFEST_KEY)
         ids: list[str] = []

@@ -15,6 +15,7 @@ from infra.storage import Storage
 from pipeline.config import RunConfig, snapshot
 from pipeline.corpus import build_corpus
 from pipeline.dedup import run_dedup
+from pipeline.documents import plan_document_corpus, plan_documents
 from pipeline.executor import make_executor
 from pipeline.layout import RunLayout, ShardTask
 from pipeline.shard_runner import ShardReport, StageSpec
@@ -22,6 +23,8 @@ from pipeline.sources import plan_crawl
 from stages.caption import CaptionStage
 from stages.corpus import CorpusStage
 from stages.crawl import CrawlStage
+from stages.documents.corpus import DocumentCorpusStage
+from stages.render import RenderStage
 from stages.segment import SegmentStage
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,17 @@ def stage_specs(config: RunConfig) -> dict[str, StageSpec]:
         "segment": StageSpec(SegmentStage, _with_run_s3(config.segment, config)),
         "caption": StageSpec(CaptionStage, _with_run_s3(config.caption, config)),
         "corpus": StageSpec(CorpusStage, config.corpus),
+        "render": StageSpec(RenderStage, _with_run_s3(config.render, config)),
+        # Documents share the image corpus's split settings so one image id -> one split everywhere.
+        "document-corpus": StageSpec(
+            DocumentCorpusStage,
+            config.document_corpus.model_copy(
+                update={
+                    "validation_fraction": config.corpus.validation_fraction,
+                    "split_salt": config.corpus.split_salt,
+                }
+            ),
+        ),
     }
 
 
@@ -202,12 +216,15 @@ STAGE_SHARDS = {"crawl": "crawl", "segment": "segment", "caption": "caption", "b
 
 def with_dependents(stages: set[str]) -> set[str]:
     """``--force segment`` also recomputes caption and build-corpus (everything after it)."""
-    unknown = stages - set(STAGE_ORDER)
+    unknown = stages - set(STAGE_ORDER) - {"render"}
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_ORDER)}")
     if not stages:
         return set()
-    first = min(STAGE_ORDER.index(s) for s in stages)
+    ordered = [s for s in stages if s in STAGE_ORDER]
+    if not ordered:  # only the document branch's render stage
+        return set(stages) | {"build-corpus"}
+    first = min(STAGE_ORDER.index(s) for s in ordered)
     return set(STAGE_ORDER[first:])
 
 
@@ -269,7 +286,6 @@ def _run_downstream_stage(
     planner: Callable[[RunLayout], list[ShardTask]],
     needs: str,
     force: bool,
-    after: Callable[[RunLayout], dict[str, Any]] | None = None,
 ) -> StageRunResult:
     """Plan ``stage`` from its committed upstream shards, compute what is missing or stale, summarise."""
     started = time.perf_counter()
@@ -279,10 +295,7 @@ def _run_downstream_stage(
     if not tasks:
         raise ValueError(f"{config.run_root} has no {needs} shards for {stage}: run 'ps3-engine {needs}' first")
     reports = _execute(config, layout, stage, tasks, force=force)
-    extra = after(layout) if after else None
     result = summarise(layout, stage, reports, len(tasks), time.perf_counter() - started, _last_workers.get(stage, 1))
-    if extra is not None:
-        result.stage, result.dataset = "build-corpus", extra
     write_summary(layout, [result], reports)
     return result
 
@@ -298,19 +311,48 @@ def run_caption(config: RunConfig, *, force: bool = False) -> StageRunResult:
 
 
 def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResult:
-    """Per-shard corpus rows (incremental), then the packed dataset with its manifest and pairs view."""
-
-    def pack(layout: RunLayout) -> dict[str, Any]:
-        dataset = build_corpus(
-            layout,
-            config.corpus,
-            stage_fingerprints(config),
-            use_ray=config.executor.kind == "ray",
-            progress=config.executor.progress,
+    """Per-shard corpus rows (incremental; images and rendered PDF pages), then the packed dataset."""
+    started = time.perf_counter()
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks, document_tasks = plan_corpus_rows(layout), plan_document_corpus(layout)
+    if not tasks and not document_tasks:
+        raise ValueError(
+            f"{config.run_root} has no caption or render shards for the corpus: run 'ps3-engine caption' first "
+            "(or 'ps3-engine render' for PDFs)"
         )
-        return {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
+    reports = _execute(config, layout, "corpus", tasks, force=force) if tasks else []
+    if document_tasks:  # rendered pages join the same corpus with source_type "document"
+        reports += _execute(config, layout, "document-corpus", document_tasks, force=force)
+    dataset = build_corpus(
+        layout,
+        config.corpus,
+        stage_fingerprints(config),
+        use_ray=config.executor.kind == "ray",
+        progress=config.executor.progress,
+    )
+    planned = len(tasks) + len(document_tasks)
+    result = summarise(
+        layout, "corpus", reports, planned, time.perf_counter() - started, _last_workers.get("corpus", 1)
+    )
+    result.stage = "build-corpus"
+    result.dataset = {"rebuilt": dataset.rebuilt, "counts": dataset.counts, "root": layout.storage.uri("dataset")}
+    write_summary(layout, [result], reports)
+    return result
 
-    return _run_downstream_stage(config, "corpus", plan_corpus_rows, "caption", force, after=pack)
+
+def run_render(config: RunConfig, *, force: bool = False) -> StageRunResult:
+    """Rasterise the PDFs of ``document_sources`` into page rows with text-region captions."""
+    started = time.perf_counter()
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks = plan_documents(layout, config.document_sources, config.render.shard_size, config.s3)
+    reports = _execute(config, layout, "render", tasks, force=force)
+    result = summarise(
+        layout, "render", reports, len(tasks), time.perf_counter() - started, _last_workers.get("render", 1)
+    )
+    write_summary(layout, [result], reports)
+    return result
 
 
 def _retry_tasks(layout: RunLayout) -> list[ShardTask]:
@@ -350,7 +392,12 @@ def run_pipeline(
             "stages %s are not implemented yet; running %s", missing, [s for s in stages if s not in missing]
         )
     results = []
+    documents_only = bool(config.document_sources) and not config.sources
     for stage in stages:
+        if documents_only and stage in ("crawl", "segment", "caption"):
+            continue
+        if stage == "build-corpus" and config.document_sources:
+            results.append(run_render(config, force="render" in force))
         if stage in STAGE_RUNNERS:
             results.append(STAGE_RUNNERS[stage](config, force=stage in forced))
             if results[-1].failed_shards:

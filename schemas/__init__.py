@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pydantic import BaseModel
 
-from schemas import caption, corpus, error, image, item, manifest, region
+from schemas import caption, corpus, document, error, image, item, manifest, region
 from schemas.caption import CAPTION_SCHEMA, CaptionRecord
 from schemas.convert import (
     check_model_matches_schema,
@@ -17,6 +17,7 @@ from schemas.convert import (
     table_to_records,
 )
 from schemas.corpus import CORPUS_SCHEMA, CorpusRegion, CorpusRow
+from schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage
 from schemas.error import ERROR_SCHEMA, ErrorRecord
 from schemas.image import IMAGE_SCHEMA, ImageRecord
 from schemas.item import CRAWL_ITEM_SCHEMA, CrawlItem
@@ -40,6 +41,7 @@ RECORD_KINDS: dict[str, RecordKind] = {
         RecordKind("region", RegionRecord, REGION_SCHEMA, region.SCHEMA_VERSION),
         RecordKind("caption", CaptionRecord, CAPTION_SCHEMA, caption.SCHEMA_VERSION),
         RecordKind("corpus_row", CorpusRow, CORPUS_SCHEMA, corpus.SCHEMA_VERSION),
+        RecordKind("document_page", DocumentPage, DOCUMENT_PAGE_SCHEMA, document.SCHEMA_VERSION),
         RecordKind("error", ErrorRecord, ERROR_SCHEMA, error.SCHEMA_VERSION),
         RecordKind("manifest_entry", ManifestEntry, MANIFEST_SCHEMA, manifest.SCHEMA_VERSION),
     )
@@ -49,6 +51,7 @@ __all__ = [
     "CAPTION_SCHEMA",
     "CORPUS_SCHEMA",
     "CRAWL_ITEM_SCHEMA",
+    "DOCUMENT_PAGE_SCHEMA",
     "ERROR_SCHEMA",
     "IMAGE_SCHEMA",
     "MANIFEST_SCHEMA",
@@ -58,6 +61,7 @@ __all__ = [
     "CorpusRegion",
     "CorpusRow",
     "CrawlItem",
+    "DocumentPage",
     "ErrorRecord",
     "ImageRecord",
     "ManifestEntry",

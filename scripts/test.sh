@@ -8,6 +8,11 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   echo "setup: installing Debian chromium for the report test" >&2
   apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null)
 fi
+# The OCR fallback of the document branch uses Debian's tesseract (English data included).
+if ! command -v tesseract >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian tesseract-ocr for the OCR tests" >&2
+  apt-get install -y -q tesseract-ocr >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tesseract-ocr >/dev/null)
+fi
 export RAY_AUTH_MODE=disabled
 .venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -q -ra "$@"

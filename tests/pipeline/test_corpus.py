@@ -181,7 +181,7 @@ def test_manifest_counts_match_the_shards_and_pairs_point_back(captioned):
     found = manifest(root)
     assert found["schema_version"] == SCHEMA_VERSION and found["record_kind"] == "corpus_row"
     assert found["stage_fingerprints"] == stage_fingerprints(captioned.config)
-    assert set(found["stage_fingerprints"]) == {"crawl", "segment", "caption", "corpus"}
+    assert {"crawl", "segment", "caption", "corpus", "render", "document-corpus"} == set(found["stage_fingerprints"])
     assert found["sources"] == {str(captioned.folder): NUM_SCENES}
     tables = {str(p.relative_to(root)): pq.read_table(p) for p in shard_files(root)}
     assert {s["key"] for s in found["shards"]} == set(tables)

@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 import schemas
 from schemas import RECORD_KINDS, records_to_table, table_to_records
+from schemas.document import DocumentRegion
+from tests.stages.test_documents import sample_page
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -93,6 +95,9 @@ SAMPLES = {
         attribution=None,
         global_caption=None,
         regions=[schemas.CorpusRegion(region_id="r1", x0=1, y0=2, x1=30, y1=40, caption="A sign.")],
+    ),
+    "document_page": sample_page(
+        [DocumentRegion(region_id="r1", scheme="sentence", x0=10, y0=20, x1=300, y1=40, text="A line.", num_words=2)]
     ),
     "error": schemas.ErrorRecord(
         item_id="i1",

@@ -1,0 +1,160 @@
+"""The document branch's planning: PDF sources -> render shards -> per-shard document corpus rows.
+
+Sources take the same forms as the crawl's (``pipeline/sources.py``): ``.txt``/``.csv``/``.parquet`` lists
+of URLs, local paths or ``s3://`` keys (licence and attribution columns kept), and folders or S3 prefixes,
+of which the ``.pdf`` files are taken. Items are ``CRAWL_ITEM_SCHEMA`` rows with stable ids; each shard's
+items are written to ``render/_input/<shard>.parquet``.
+
+```
+render/_input/<shard>.parquet       planned PDF items of one shard
+render/part-<shard>.parquet         DOCUMENT_PAGE_SCHEMA rows (one per page), errors/ and _manifest/ as usual
+corpus/part-<shard>.parquet         CORPUS_SCHEMA rows of the same shard (source_type "document")
+```
+Render shard ids start with ``doc-``, and the document corpus rows are committed under the ``corpus``
+stage with the same id, so ``build-corpus`` packs document and natural rows together without knowing
+which is which, and the two kinds of shard never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra.storage import S3Settings, list_uri, uri_is_dir
+from pipeline.conservation import Gap, _column, _compare
+from pipeline.layout import RunLayout, ShardTask
+from pipeline.sources import _read_list_rows, _row_to_item, items_checksum, source_kind
+from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
+from stages.crawl import item_id_for
+
+logger = logging.getLogger(__name__)
+
+PDF_SUFFIXES = frozenset({".pdf"})
+RENDER_STAGE = "render"
+
+
+CORPUS_STAGE = "corpus"
+
+
+def render_input_key(shard_id: str) -> str:
+    return f"{RENDER_STAGE}/_input/{shard_id}.parquet"
+
+
+def expand_document_source(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
+    """PDF items of one source, in a stable order (a folder's ``.pdf`` files, or a list's rows)."""
+    if uri_is_dir(source, s3):
+        for uri in list_uri(source, s3):
+            if PurePosixPath(uri).suffix.lower() in PDF_SUFFIXES:
+                yield {
+                    "source_ref": uri,
+                    "source_list": source,
+                    "license": None,
+                    "attribution": None,
+                    "metadata_json": "{}",
+                }
+        return
+    for row in _read_list_rows(source, s3):
+        yield _row_to_item(row, source)
+
+
+def plan_document_items(sources: list[str], s3: S3Settings) -> list[tuple[str, list[dict[str, Any]]]]:
+    occurrences: Counter[str] = Counter()
+    grouped = []
+    for source in sources:
+        items = []
+        for item in expand_document_source(source, s3):
+            ref = item["source_ref"]
+            item["item_id"] = item_id_for(ref, occurrences[ref])
+            item["source_kind"] = source_kind(ref)
+            occurrences[ref] += 1
+            items.append(item)
+        logger.info("document source %s: %d PDFs", source, len(items))
+        grouped.append((source, items))
+    return grouped
+
+
+def _write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> None:
+    """Write the shard's items unless the same items are already there (same checksum)."""
+    if layout.storage.exists(key):
+        try:
+            with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
+                existing = pq.read_schema(handle).metadata or {}
+        except (OSError, pa.ArrowInvalid) as exc:
+            logger.warning("rewriting unreadable input shard %s: %s", key, exc)
+            existing = {}
+        if existing.get(b"input_checksum", b"").decode() == checksum:
+            return
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
+    layout.storage.write_parquet_atomic(key, table)
+
+
+def plan_documents(
+    layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings, persist: bool = True
+) -> list[ShardTask]:
+    """Plan (and, with ``persist``, write) render input shards. Unchanged shards are not rewritten."""
+    if not sources:
+        raise ValueError("no document sources given: pass --input with PDF lists, folders or S3 prefixes")
+    tasks: list[ShardTask] = []
+    writes: list[tuple[str, pa.Table, str]] = []
+    for source, items in plan_document_items(sources, s3):
+        prefix = hashlib.sha256(source.encode()).hexdigest()[:8]
+        for chunk_index, start in enumerate(range(0, len(items), shard_size)):
+            chunk = items[start : start + shard_size]
+            shard_id = f"doc-{prefix}-{chunk_index:05d}"
+            checksum = items_checksum(chunk)
+            key = render_input_key(shard_id)
+            writes.append((key, rows_to_table(chunk, CRAWL_ITEM_SCHEMA), checksum))
+            tasks.append(ShardTask(RENDER_STAGE, shard_id, key, checksum, (source,)))
+    if persist:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda w: _write_input_shard(layout, *w), writes))
+    return tasks
+
+
+def plan_document_corpus(layout: RunLayout) -> list[ShardTask]:
+    """One corpus task per committed render shard: its page rows -> corpus rows under ``corpus/``."""
+    tasks = []
+    for shard_id, entry in sorted(layout.manifests(RENDER_STAGE).items()):
+        tasks.append(ShardTask(CORPUS_STAGE, shard_id, entry.output_key, entry.output_checksum, (shard_id,)))
+    return tasks
+
+
+def check_documents(layout: RunLayout) -> list[Gap]:
+    """Conservation of the document branch (``status --check``): every planned PDF left the render stage
+    as page rows and/or error rows, no page twice, and every page left the corpus stage exactly once."""
+    gaps: list[Gap] = []
+    render = layout.manifests(RENDER_STAGE)
+    corpus = layout.manifests(CORPUS_STAGE)
+    planned = sorted(
+        o.key.rsplit("/", 1)[-1].removesuffix(".parquet") for o in layout.storage.list(f"{RENDER_STAGE}/_input/")
+    )
+    for shard in planned:
+        entry = render.get(shard)
+        if entry is None:
+            gaps.append(Gap(RENDER_STAGE, shard, "missing_shard", 1, (shard,)))
+            continue
+        expected = set(_column(layout, render_input_key(shard), "item_id"))
+        pages = layout.storage.read_parquet(entry.output_key, columns=["item_id", "page_id"]).to_pylist()
+        # A document leaves as several pages, or as pages plus page errors: count each document once.
+        seen = {p["item_id"] for p in pages} | set(_column(layout, entry.errors_key, "item_id"))
+        _compare(RENDER_STAGE, shard, expected, sorted(seen), gaps)
+        page_ids = [p["page_id"] for p in pages]
+        duplicated = sorted(k for k, n in Counter(page_ids).items() if n > 1)
+        if duplicated:
+            gaps.append(Gap(RENDER_STAGE, shard, "duplicated", len(duplicated), tuple(duplicated[:5])))
+        corpus_entry = corpus.get(shard)
+        if corpus_entry is None:
+            if corpus:
+                gaps.append(Gap(CORPUS_STAGE, shard, "missing_shard", 1, (shard,)))
+            continue
+        out = _column(layout, corpus_entry.output_key, "image_id") + _column(layout, corpus_entry.errors_key, "item_id")
+        _compare(CORPUS_STAGE, shard, set(page_ids), out, gaps)
+    return gaps
