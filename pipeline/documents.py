@@ -26,12 +26,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from infra.storage import S3Settings, list_uri, uri_is_dir
 from pipeline.conservation import Gap, _column, _compare
 from pipeline.layout import RunLayout, ShardTask
-from pipeline.sources import _read_list_rows, _row_to_item, items_checksum, source_kind
+from pipeline.sources import _read_list_rows, _row_to_item, items_checksum, source_kind, write_input_shard
 from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
 from stages.crawl import item_id_for
 
@@ -81,21 +80,6 @@ def plan_document_items(sources: list[str], s3: S3Settings) -> list[tuple[str, l
     return grouped
 
 
-def _write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> None:
-    """Write the shard's items unless the same items are already there (same checksum)."""
-    if layout.storage.exists(key):
-        try:
-            with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
-                existing = pq.read_schema(handle).metadata or {}
-        except (OSError, pa.ArrowInvalid) as exc:
-            logger.warning("rewriting unreadable input shard %s: %s", key, exc)
-            existing = {}
-        if existing.get(b"input_checksum", b"").decode() == checksum:
-            return
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
-    layout.storage.write_parquet_atomic(key, table)
-
-
 def plan_documents(
     layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings, persist: bool = True
 ) -> list[ShardTask]:
@@ -115,7 +99,7 @@ def plan_documents(
             tasks.append(ShardTask(RENDER_STAGE, shard_id, key, checksum, (source,)))
     if persist:
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda w: _write_input_shard(layout, *w), writes))
+            list(pool.map(lambda w: write_input_shard(layout, *w), writes))
     return tasks
 
 

@@ -125,8 +125,8 @@ def plan_items(sources: list[str], s3: S3Settings) -> list[tuple[str, list[dict[
     return grouped
 
 
-def _write_input_shard(layout: RunLayout, shard_id: str, table: pa.Table, checksum: str) -> None:
-    key = RunLayout.crawl_input_key(shard_id)
+def write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> None:
+    """Write a planned input shard unless the same items are already there (same checksum in its metadata)."""
     if layout.storage.exists(key):
         try:
             with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
@@ -158,5 +158,5 @@ def plan_crawl(
             tasks.append(ShardTask("crawl", shard_id, RunLayout.crawl_input_key(shard_id), checksum, (source,)))
     if persist:
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda w: _write_input_shard(layout, *w), writes))
+            list(pool.map(lambda w: write_input_shard(layout, RunLayout.crawl_input_key(w[0]), *w[1:]), writes))
     return tasks
