@@ -213,3 +213,10 @@ def test_ray_job_submit_runs_the_pipeline_into_s3(ray_head, s3_server, s3_bucket
     assert main([*argv, "--", *train]) == 0
     checkpoints = [o.key for o in Storage(f"s3://{s3_bucket}/training", storage.s3).list("cluster-debug/")]
     assert any(key.endswith("state.pt") for key in checkpoints)
+
+    # And a tiny VILA-HD tuning job on grounded samples generated from the same corpus.
+    vila = ["train", "vila-hd", "--data", run_root, "--recipe", "debug", "--storage-path", f"s3://{s3_bucket}/training"]
+    vila += ["--name", "cluster-vila", "--set", "num_workers=1", "--set", "batch_size_per_worker=1"]
+    assert main([*argv, "--", *vila, "--set", "max_steps=2"]) == 0
+    checkpoints = [o.key for o in Storage(f"s3://{s3_bucket}/training", storage.s3).list("cluster-vila/")]
+    assert any(key.endswith("state.pt") for key in checkpoints)
