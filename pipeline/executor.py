@@ -35,6 +35,8 @@ from stages.base import Resources
 
 logger = logging.getLogger(__name__)
 
+PREPARE_MEMORY_BYTES = 512 * 2**20
+
 
 class ExecutorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -188,6 +190,10 @@ class RayDataExecutor:
                 batch_format="numpy",
                 compute=ray.data.TaskPoolStrategy(size=prepare_workers),
                 num_cpus=1,
+                # A memory reservation for the full-resolution decodes. It also makes this operator's remote
+                # args differ from the model actors', which keeps Ray Data from fusing the CPU phase into
+                # the actors (on a GPU-less cluster the two would otherwise look identical and be fused).
+                memory=PREPARE_MEMORY_BYTES,
             )
             logger.info("%s: CPU phase on up to %d Ray tasks", spec.stage_cls.name, prepare_workers)
         if resources.uses_model:
