@@ -62,6 +62,7 @@ class TreeSampler:
         self.exclude = exclude or set()
         self.interval_s = interval_s
         self.peak_rss = 0
+        self.start_rss: int | None = None  # the first sample: what the tree held before the work began
         self.peak_processes = 0
         self.seconds = 0.0
         self.machine_busy_s = 0.0
@@ -103,6 +104,8 @@ class TreeSampler:
                 self._latest[process.pid] = _cpu_s(process)
             except psutil.NoSuchProcess:
                 continue
+        if self.start_rss is None:
+            self.start_rss = rss
         if rss > self.peak_rss:
             self.peak_rss, self.peak_processes = rss, len(members)
 
