@@ -20,19 +20,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 
-from infra.storage import S3Settings, list_uri, uri_is_dir
+from infra.storage import S3Settings
 from pipeline.conservation import Gap, _column, _compare
 from pipeline.layout import RunLayout, ShardTask
-from pipeline.sources import _read_list_rows, _row_to_item, items_checksum, source_kind, write_input_shard
+from pipeline.sources import items_checksum, plan_items, write_input_shard
 from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
-from stages.crawl import item_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,37 +44,9 @@ def render_input_key(shard_id: str) -> str:
     return f"{RENDER_STAGE}/_input/{shard_id}.parquet"
 
 
-def expand_document_source(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
-    """PDF items of one source, in a stable order (a folder's ``.pdf`` files, or a list's rows)."""
-    if uri_is_dir(source, s3):
-        for uri in list_uri(source, s3):
-            if PurePosixPath(uri).suffix.lower() in PDF_SUFFIXES:
-                yield {
-                    "source_ref": uri,
-                    "source_list": source,
-                    "license": None,
-                    "attribution": None,
-                    "metadata_json": "{}",
-                }
-        return
-    for row in _read_list_rows(source, s3):
-        yield _row_to_item(row, source)
-
-
 def plan_document_items(sources: list[str], s3: S3Settings) -> list[tuple[str, list[dict[str, Any]]]]:
-    occurrences: Counter[str] = Counter()
-    grouped = []
-    for source in sources:
-        items = []
-        for item in expand_document_source(source, s3):
-            ref = item["source_ref"]
-            item["item_id"] = item_id_for(ref, occurrences[ref])
-            item["source_kind"] = source_kind(ref)
-            occurrences[ref] += 1
-            items.append(item)
-        logger.info("document source %s: %d PDFs", source, len(items))
-        grouped.append((source, items))
-    return grouped
+    """PDF items of all sources with stable ids: the crawl's planning with PDF suffixes for folders."""
+    return plan_items(sources, s3, PDF_SUFFIXES)
 
 
 def plan_documents(

@@ -87,11 +87,11 @@ def _read_list_rows(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
         )
 
 
-def expand_source(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
-    """Items of one source, in a stable order."""
+def expand_source(source: str, s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> Iterator[dict[str, Any]]:
+    """Items of one source, in a stable order (a folder's files with one of ``suffixes``, or a list's rows)."""
     if uri_is_dir(source, s3):
         for uri in list_uri(source, s3):
-            if PurePosixPath(uri).suffix.lower() in IMAGE_SUFFIXES:
+            if PurePosixPath(uri).suffix.lower() in suffixes:
                 yield {
                     "source_ref": uri,
                     "source_list": source,
@@ -108,13 +108,15 @@ def items_checksum(items: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
 
-def plan_items(sources: list[str], s3: S3Settings) -> list[tuple[str, list[dict[str, Any]]]]:
+def plan_items(
+    sources: list[str], s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES
+) -> list[tuple[str, list[dict[str, Any]]]]:
     """All items of all sources with stable ids, grouped by source list."""
     occurrences: Counter[str] = Counter()
     grouped = []
     for source in sources:
         items = []
-        for item in expand_source(source, s3):
+        for item in expand_source(source, s3, suffixes):
             ref = item["source_ref"]
             item["item_id"] = item_id_for(ref, occurrences[ref])
             item["source_kind"] = source_kind(ref)
