@@ -31,11 +31,11 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine_description, replace_doc_section
-from pipeline.samples import planted_scene
-from schemas import rows_to_table
-from stages.base import ShardContext
-from stages.caption import CAPTION_INPUT_SCHEMA, CaptionConfig, CaptionStage
-from stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
+from ps3_engine.pipeline.samples import planted_scene
+from ps3_engine.schemas import rows_to_table
+from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.caption import CAPTION_INPUT_SCHEMA, CaptionConfig, CaptionStage
+from ps3_engine.stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
 
 logger = logging.getLogger("benchmarks.caption")
 SIZE = (3840, 2160)

@@ -36,13 +36,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine_description, replace_doc_section
-from infra.static_server import serve_directory
-from infra.storage import Storage
-from pipeline.config import RunConfig, load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
-from stages.crawl import CrawlConfig
-from stages.imaging import inspect_image, to_rgb
+from ps3_engine.infra.static_server import serve_directory
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.stages.crawl import CrawlConfig
+from ps3_engine.stages.imaging import inspect_image, to_rgb
 
 logger = logging.getLogger("benchmarks.crawl")
 GENERATOR_VERSION = "v1"  # bump when synth_jpeg changes, so cached files are regenerated

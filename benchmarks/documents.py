@@ -26,12 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine_description, replace_doc_section
-from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
-from stages.base import ShardContext
-from stages.documents.ocr import TesseractOcr, TesseractSettings
-from stages.documents.pdf import PDFIUM_VERSION, open_pdf, page_geometry, render_page, text_layer_words
-from stages.documents.text_regions import sentence_regions, word_run_regions
-from stages.render import RenderConfig, RenderStage
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
+from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.documents.ocr import TesseractOcr, TesseractSettings
+from ps3_engine.stages.documents.pdf import PDFIUM_VERSION, open_pdf, page_geometry, render_page, text_layer_words
+from ps3_engine.stages.documents.text_regions import sentence_regions, word_run_regions
+from ps3_engine.stages.render import RenderConfig, RenderStage
 from tests.support.pdfs import scanned_pdf, text_pdf
 
 logger = logging.getLogger("benchmarks.documents")

@@ -28,11 +28,11 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from benchmarks.caption import FixedCostCaptioner
-from stages.base import BatchResult, Resources, ShardContext
-from stages.caption import CaptionConfig, CaptionStage
-from stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult
-from stages.segment import SegmentConfig, SegmentStage
-from stages.segmenters.masks import MaskSet
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext
+from ps3_engine.stages.caption import CaptionConfig, CaptionStage
+from ps3_engine.stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult
+from ps3_engine.stages.segment import SegmentConfig, SegmentStage
+from ps3_engine.stages.segmenters.masks import MaskSet
 
 
 def record(stats_dir: str, kind: str, stage: str, start: float, end: float, items: int) -> None:

@@ -39,15 +39,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipeline.runner as runner
+import ps3_engine.pipeline.runner as runner
 from benchmarks.crawl import ensure_images, parse_side
 from benchmarks.fakes import FakeCaptionConfig, FakeCaptionStage, FakeSegmentConfig, FakeSegmentStage, read_records
 from benchmarks.proctree import machine_busy_s, wait_for_quiet
 from benchmarks.report import machine_description, replace_doc_section
-from infra.static_server import serve_directory
-from pipeline.config import RunConfig, load_run_config
-from pipeline.runner import STAGE_ORDER, STAGE_RUNNERS, StageRunResult
-from pipeline.shard_runner import StageSpec
+from ps3_engine.infra.static_server import serve_directory
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.runner import STAGE_ORDER, STAGE_RUNNERS, StageRunResult
+from ps3_engine.pipeline.shard_runner import StageSpec
 
 logger = logging.getLogger("benchmarks.pipeline_overhead")
 REPO = Path(__file__).resolve().parent.parent

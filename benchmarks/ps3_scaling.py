@@ -50,9 +50,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine_description, replace_doc_section
-from training.ps3.config import PS3ModelConfig
-from training.ps3.selection import split_budget
-from training.ps3.vision import PS3VisionModel
+from ps3_engine.training.ps3.config import PS3ModelConfig
+from ps3_engine.training.ps3.selection import split_budget
+from ps3_engine.training.ps3.vision import PS3VisionModel
 
 logger = logging.getLogger("benchmarks.ps3_scaling")
 

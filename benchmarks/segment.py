@@ -27,12 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine_description, replace_doc_section
-from pipeline.samples import planted_scene
-from stages.geometry import BoxXYXY, iou
-from stages.imaging import load_rgb
-from stages.segment import SegmentConfig, select_regions
-from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
-from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings
+from ps3_engine.pipeline.samples import planted_scene
+from ps3_engine.stages.geometry import BoxXYXY, iou
+from ps3_engine.stages.imaging import load_rgb
+from ps3_engine.stages.segment import SegmentConfig, select_regions
+from ps3_engine.stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
+from ps3_engine.stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings
 
 logger = logging.getLogger("benchmarks.segment")
 SIZE = (3840, 2160)

@@ -49,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.crawl import background_load, crawl_config, ensure_images, parse_side, synth_jpeg
 from benchmarks.proctree import TreeSampler, wait_for_quiet
 from benchmarks.report import machine_description, replace_doc_section
-from infra.static_server import serve_directory
-from infra.storage import Storage
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
-from stages.crawl import CrawlConfig
+from ps3_engine.infra.static_server import serve_directory
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.stages.crawl import CrawlConfig
 
 logger = logging.getLogger("benchmarks.vs_img2dataset")
 REPO = Path(__file__).resolve().parent.parent

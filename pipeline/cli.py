@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig, load_run_config
-from pipeline.runner import (
+from ps3_engine.pipeline.config import ConfigError, RunConfig, load_run_config
+from ps3_engine.pipeline.runner import (
     STAGE_ORDER,
     StageRunResult,
     run_build_corpus,
@@ -20,7 +20,7 @@ from pipeline.runner import (
     run_render,
     run_segment,
 )
-from pipeline.status import run_status
+from ps3_engine.pipeline.status import run_status
 
 logger = logging.getLogger("ps3-engine")
 
@@ -60,7 +60,7 @@ def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
 
 
 def _existing_snapshot(run_root: str) -> dict | None:
-    from infra.storage import Storage
+    from ps3_engine.infra.storage import Storage
 
     storage = Storage(run_root)
     return storage.read_json("run.json")["config"] if storage.exists("run.json") else None
@@ -101,7 +101,7 @@ def cmd_crawl(args: argparse.Namespace) -> int:
 
 
 def _snapshot_config(run_root: str) -> dict:
-    from infra.storage import Storage
+    from ps3_engine.infra.storage import Storage
 
     storage = Storage(run_root)
     if not storage.exists("run.json"):
@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.plan import plan_run
+    from ps3_engine.pipeline.plan import plan_run
 
     config = _load(args, sources=args.input or None)
     plans = plan_run(config, force=frozenset(args.force))
@@ -144,9 +144,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from infra.storage import Storage
-    from pipeline.layout import RunLayout
-    from pipeline.lineage import trace_region
+    from ps3_engine.infra.storage import Storage
+    from ps3_engine.pipeline.layout import RunLayout
+    from ps3_engine.pipeline.lineage import trace_region
 
     try:
         trace = trace_region(RunLayout(Storage(args.run_root)), args.region_id)
@@ -188,9 +188,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _check(run_root: str) -> int:
-    from infra.storage import Storage
-    from pipeline.conservation import check_run
-    from pipeline.layout import RunLayout
+    from ps3_engine.infra.storage import Storage
+    from ps3_engine.pipeline.conservation import check_run
+    from ps3_engine.pipeline.layout import RunLayout
 
     storage = Storage(run_root)
     if not storage.exists("run.json"):
@@ -204,7 +204,7 @@ def _check(run_root: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.submit import submit
+    from ps3_engine.pipeline.submit import submit
 
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     job_id, status = submit(
@@ -238,13 +238,13 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.job == "vila-hd":
         return _train_vila_hd(args)
-    from infra.storage import S3Settings
-    from training.ps3.recipes import load_recipe
-    from training.ps3.train import CorpusRejected, launch
+    from ps3_engine.infra.storage import S3Settings
+    from ps3_engine.training.ps3.recipes import load_recipe
+    from ps3_engine.training.ps3.train import CorpusRejected, launch
 
     recipe = load_recipe(args.recipe, _recipe_overrides(args))
     if recipe.tokenizer is None and recipe.model.pretrained is None:
-        from training.ps3.tokenizer import build_tiny_text_tokenizer
+        from ps3_engine.training.ps3.tokenizer import build_tiny_text_tokenizer
 
         cache = Path(os.environ.get("PS3_CACHE", "~/.cache/ps3-engine")).expanduser() / "tiny-text-tokenizer"
         recipe = recipe.model_copy(update={"tokenizer": str(build_tiny_text_tokenizer(cache))})
@@ -261,9 +261,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_vila_hd(args: argparse.Namespace) -> int:
-    from infra.storage import S3Settings
-    from training.vila_hd.recipes import load_recipe
-    from training.vila_hd.train import DataRejected, launch
+    from ps3_engine.infra.storage import S3Settings
+    from ps3_engine.training.vila_hd.recipes import load_recipe
+    from ps3_engine.training.vila_hd.train import DataRejected, launch
 
     recipe = load_recipe(args.recipe, _recipe_overrides(args))
     try:
@@ -279,8 +279,8 @@ def _train_vila_hd(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from infra.storage import S3Settings
-    from training.vila_hd.infer import answer
+    from ps3_engine.infra.storage import S3Settings
+    from ps3_engine.training.vila_hd.infer import answer
 
     result = answer(
         args.image,
@@ -301,7 +301,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import build_report, write_report
+    from ps3_engine.pipeline.report import build_report, write_report
 
     if args.out:
         Path(args.out).write_text(build_report(args.run, samples=args.samples))
@@ -312,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from ps3_engine.pipeline.demo import run_demo
 
     config, results = run_demo(Path(args.out), args.images, args.executor or "ray", args.overrides)
     return _print_results(config, results)

@@ -11,14 +11,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from infra.storage import S3Settings
-from pipeline.executor import ExecutorConfig
-from stages.caption import CaptionConfig
-from stages.corpus import CorpusConfig
-from stages.crawl import CrawlConfig
-from stages.documents.corpus import DocumentCorpusConfig
-from stages.render import RenderConfig
-from stages.segment import SegmentConfig
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.pipeline.executor import ExecutorConfig
+from ps3_engine.stages.caption import CaptionConfig
+from ps3_engine.stages.corpus import CorpusConfig
+from ps3_engine.stages.crawl import CrawlConfig
+from ps3_engine.stages.documents.corpus import DocumentCorpusConfig
+from ps3_engine.stages.render import RenderConfig
+from ps3_engine.stages.segment import SegmentConfig
 
 
 class RunConfig(BaseModel):

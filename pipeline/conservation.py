@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
-from pipeline.layout import RunLayout
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.layout import RunLayout
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
         _compare("corpus", shard, images, seen, gaps)
 
-    from pipeline.documents import check_documents  # it builds on this module's helpers
+    from ps3_engine.pipeline.documents import check_documents  # it builds on this module's helpers
 
     gaps += check_documents(layout)
     if layout.storage.exists(DATASET_MANIFEST_KEY):

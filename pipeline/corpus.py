@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from infra.storage import Storage
-from pipeline.layout import RunLayout
-from schemas import CORPUS_SCHEMA
-from schemas.corpus import SCHEMA_VERSION as CORPUS_SCHEMA_VERSION
-from stages.corpus import CorpusConfig
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.schemas import CORPUS_SCHEMA
+from ps3_engine.schemas.corpus import SCHEMA_VERSION as CORPUS_SCHEMA_VERSION
+from ps3_engine.stages.corpus import CorpusConfig
 
 logger = logging.getLogger(__name__)
 

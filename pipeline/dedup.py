@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from pipeline.layout import RunLayout
-from schemas import ERROR_SCHEMA, rows_to_table
-from stages.imaging import hamming_distance
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.schemas import ERROR_SCHEMA, rows_to_table
+from ps3_engine.stages.imaging import hamming_distance
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from infra.static_server import serve_directory
-from pipeline.config import RunConfig, load_run_config
-from pipeline.runner import StageRunResult, run_pipeline
-from pipeline.samples import synthetic_scene, write_scenes
+from ps3_engine.infra.static_server import serve_directory
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.runner import StageRunResult, run_pipeline
+from ps3_engine.pipeline.samples import synthetic_scene, write_scenes
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def run_demo(
 ) -> tuple[RunConfig, list[StageRunResult]]:
     out = out.resolve()
     paths = prepare_site(out, num_images)
-    from training.tiny_captioner import build_tiny_captioner
+    from ps3_engine.training.tiny_captioner import build_tiny_captioner
 
     captioner = build_tiny_captioner(out / "tiny-captioner")
     Image.init()

@@ -25,11 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from infra.storage import S3Settings
-from pipeline.conservation import Gap, _column, _compare
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.sources import items_checksum, plan_items, write_input_shard
-from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.pipeline.conservation import Gap, _column, _compare
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.sources import items_checksum, plan_items, write_input_shard
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
 
 logger = logging.getLogger(__name__)
 

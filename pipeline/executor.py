@@ -21,9 +21,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from infra.storage import Storage
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.shard_runner import (
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.shard_runner import (
     PreparedShard,
     ShardReport,
     StageSpec,
@@ -31,7 +31,7 @@ from pipeline.shard_runner import (
     prepare_shard,
     run_shard,
 )
-from stages.base import Resources
+from ps3_engine.stages.base import Resources
 
 logger = logging.getLogger(__name__)
 

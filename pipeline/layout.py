@@ -23,9 +23,9 @@ from typing import Literal
 
 import pyarrow as pa
 
-from infra.storage import Storage
-from schemas import ERROR_SCHEMA, ManifestEntry
-from schemas.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION
+from ps3_engine.infra.storage import Storage
+from ps3_engine.schemas import ERROR_SCHEMA, ManifestEntry
+from ps3_engine.schemas.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
-from pipeline.layout import RunLayout
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.layout import RunLayout
 
 
 def _find(layout: RunLayout, stage: str, column: str, value: str) -> tuple[str, dict[str, Any]] | None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.config import RunConfig
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.runner import (
+from ps3_engine.pipeline.config import RunConfig
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.runner import (
     STAGE_ORDER,
     STAGE_SHARDS,
     open_run,
@@ -23,7 +23,7 @@ from pipeline.runner import (
     stage_fingerprints,
     with_dependents,
 )
-from pipeline.sources import plan_crawl
+from ps3_engine.pipeline.sources import plan_crawl
 
 
 @dataclass

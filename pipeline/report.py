@@ -20,9 +20,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from infra.storage import S3Settings, Storage
-from pipeline.layout import RunLayout
-from stages.imaging import load_rgb
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.stages.imaging import load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _image_bytes(row: dict[str, Any], s3: S3Settings | None) -> bytes | None:
     ref = row.get("image_ref") or ""
     if ref.startswith(("http://", "https://")):
         return None
-    from infra.storage import read_uri_bytes
+    from ps3_engine.infra.storage import read_uri_bytes
 
     return read_uri_bytes(ref, s3)
 

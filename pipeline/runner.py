@@ -11,21 +11,21 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from infra.storage import Storage
-from pipeline.config import RunConfig, snapshot
-from pipeline.corpus import build_corpus
-from pipeline.dedup import run_dedup
-from pipeline.documents import plan_document_corpus, plan_documents
-from pipeline.executor import make_executor
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.shard_runner import ShardReport, StageSpec
-from pipeline.sources import plan_crawl
-from stages.caption import CaptionStage
-from stages.corpus import CorpusStage
-from stages.crawl import CrawlStage
-from stages.documents.corpus import DocumentCorpusStage
-from stages.render import RenderStage
-from stages.segment import SegmentStage
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import RunConfig, snapshot
+from ps3_engine.pipeline.corpus import build_corpus
+from ps3_engine.pipeline.dedup import run_dedup
+from ps3_engine.pipeline.documents import plan_document_corpus, plan_documents
+from ps3_engine.pipeline.executor import make_executor
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.shard_runner import ShardReport, StageSpec
+from ps3_engine.pipeline.sources import plan_crawl
+from ps3_engine.stages.caption import CaptionStage
+from ps3_engine.stages.corpus import CorpusStage
+from ps3_engine.stages.crawl import CrawlStage
+from ps3_engine.stages.documents.corpus import DocumentCorpusStage
+from ps3_engine.stages.render import RenderStage
+from ps3_engine.stages.segment import SegmentStage
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from pipeline.layout import RunLayout, ShardTask
-from schemas import ERROR_SCHEMA, conform_table
-from stages.base import ShardContext, Stage
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.schemas import ERROR_SCHEMA, conform_table
+from ps3_engine.stages.base import ShardContext, Stage
 
 logger = logging.getLogger(__name__)
 

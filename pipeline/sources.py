@@ -22,10 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.storage import S3Settings, is_s3_uri, list_uri, read_uri_bytes, uri_is_dir
-from pipeline.layout import RunLayout, ShardTask
-from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
-from stages.crawl import item_id_for
+from ps3_engine.infra.storage import S3Settings, is_s3_uri, list_uri, read_uri_bytes, uri_is_dir
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
+from ps3_engine.stages.crawl import item_id_for
 
 logger = logging.getLogger(__name__)
 

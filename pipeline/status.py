@@ -8,10 +8,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from infra.storage import S3Settings, Storage
-from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
 
 
 @dataclass

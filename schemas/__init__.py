@@ -7,22 +7,22 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pydantic import BaseModel
 
-from schemas import caption, corpus, document, error, image, item, manifest, region
-from schemas.caption import CAPTION_SCHEMA, CaptionRecord
-from schemas.convert import (
+from ps3_engine.schemas import caption, corpus, document, error, image, item, manifest, region
+from ps3_engine.schemas.caption import CAPTION_SCHEMA, CaptionRecord
+from ps3_engine.schemas.convert import (
     check_model_matches_schema,
     conform_table,
     records_to_table,
     rows_to_table,
     table_to_records,
 )
-from schemas.corpus import CORPUS_SCHEMA, CorpusRegion, CorpusRow
-from schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage
-from schemas.error import ERROR_SCHEMA, ErrorRecord
-from schemas.image import IMAGE_SCHEMA, ImageRecord
-from schemas.item import CRAWL_ITEM_SCHEMA, CrawlItem
-from schemas.manifest import MANIFEST_SCHEMA, ManifestEntry
-from schemas.region import REGION_SCHEMA, RegionRecord
+from ps3_engine.schemas.corpus import CORPUS_SCHEMA, CorpusRegion, CorpusRow
+from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage
+from ps3_engine.schemas.error import ERROR_SCHEMA, ErrorRecord
+from ps3_engine.schemas.image import IMAGE_SCHEMA, ImageRecord
+from ps3_engine.schemas.item import CRAWL_ITEM_SCHEMA, CrawlItem
+from ps3_engine.schemas.manifest import MANIFEST_SCHEMA, ManifestEntry
+from ps3_engine.schemas.region import REGION_SCHEMA, RegionRecord
 
 
 @dataclass(frozen=True)

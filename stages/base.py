@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel
 
-from schemas import ERROR_SCHEMA, rows_to_table
+from ps3_engine.schemas import ERROR_SCHEMA, rows_to_table
 
 
 @dataclass(frozen=True)

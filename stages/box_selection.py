@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from stages.geometry import BoxXYXY, box_centered_at, boxes_overlap
+from ps3_engine.stages.geometry import BoxXYXY, box_centered_at, boxes_overlap
 
 DEFAULT_MASK_AREA_FLOOR = 40 * 40
 

@@ -23,17 +23,17 @@ import pyarrow.compute as pc
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings
-from schemas import CAPTION_SCHEMA, rows_to_table
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
-from stages.captioning.hygiene import HygieneSettings, clean_caption
-from stages.captioning.openai_backend import OpenAICaptioner, OpenAISettings
-from stages.captioning.prompts import PromptTemplates
-from stages.captioning.transformers_backend import TransformersCaptioner, TransformersSettings
-from stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
-from stages.geometry import BoxXYXY, fit_to_pixel_budget, is_inside
-from stages.imaging import ImageRejected, load_rgb, stored_image_bytes
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.schemas import CAPTION_SCHEMA, rows_to_table
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
+from ps3_engine.stages.captioning.hygiene import HygieneSettings, clean_caption
+from ps3_engine.stages.captioning.openai_backend import OpenAICaptioner, OpenAISettings
+from ps3_engine.stages.captioning.prompts import PromptTemplates
+from ps3_engine.stages.captioning.transformers_backend import TransformersCaptioner, TransformersSettings
+from ps3_engine.stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
+from ps3_engine.stages.geometry import BoxXYXY, fit_to_pixel_budget, is_inside
+from ps3_engine.stages.imaging import ImageRejected, load_rgb, stored_image_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import CAPTION_SCHEMA, CORPUS_SCHEMA, IMAGE_SCHEMA, REGION_SCHEMA, conform_table, rows_to_table
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.schemas import CAPTION_SCHEMA, CORPUS_SCHEMA, IMAGE_SCHEMA, REGION_SCHEMA, conform_table, rows_to_table
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 
 _JOINED_REGION = pa.struct(
     [

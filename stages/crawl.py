@@ -20,11 +20,11 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.http import FetchError, GuardedHttpClient, HttpSettings
-from infra.storage import S3Settings, read_uri_bytes
-from schemas import CRAWL_ITEM_SCHEMA, IMAGE_SCHEMA, rows_to_table
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from stages.imaging import ImageRejected, inspect_image
+from ps3_engine.infra.http import FetchError, GuardedHttpClient, HttpSettings
+from ps3_engine.infra.storage import S3Settings, read_uri_bytes
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, IMAGE_SCHEMA, rows_to_table
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.imaging import ImageRejected, inspect_image
 
 logger = logging.getLogger(__name__)
 

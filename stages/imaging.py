@@ -189,7 +189,7 @@ def stored_image_bytes(row: dict, s3=None) -> bytes:
     Images crawled from http(s) with ``crawl.image_storage=reference`` are not fetched again here: a later
     stage must not depend on a third-party server still serving the same bytes.
     """
-    from infra.storage import read_uri_bytes
+    from ps3_engine.infra.storage import read_uri_bytes
 
     if row["image_bytes"] is not None:
         return row["image_bytes"]

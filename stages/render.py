@@ -23,14 +23,14 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from infra.http import FetchError, GuardedHttpClient
-from infra.storage import S3Settings, read_uri_bytes
-from schemas import CRAWL_ITEM_SCHEMA, rows_to_table
-from schemas.document import DOCUMENT_PAGE_SCHEMA
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from stages.crawl import PIL_HARD_PIXEL_LIMIT, HttpConfig, parse_opt_out
-from stages.documents.ocr import OcrFailed, TesseractOcr, TesseractSettings
-from stages.documents.pdf import (
+from ps3_engine.infra.http import FetchError, GuardedHttpClient
+from ps3_engine.infra.storage import S3Settings, read_uri_bytes
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
+from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.crawl import PIL_HARD_PIXEL_LIMIT, HttpConfig, parse_opt_out
+from ps3_engine.stages.documents.ocr import OcrFailed, TesseractOcr, TesseractSettings
+from ps3_engine.stages.documents.pdf import (
     PDFIUM_VERSION,
     DocumentRejected,
     load_page,
@@ -39,7 +39,14 @@ from stages.documents.pdf import (
     render_page,
     text_layer_words,
 )
-from stages.documents.text_regions import SCHEMES, PageGeometry, Scheme, Word, sentence_regions, word_run_regions
+from ps3_engine.stages.documents.text_regions import (
+    SCHEMES,
+    PageGeometry,
+    Scheme,
+    Word,
+    sentence_regions,
+    word_run_regions,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings
-from schemas import IMAGE_SCHEMA, REGION_SCHEMA, rows_to_table
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
-from stages.geometry import BoxXYXY
-from stages.imaging import ImageRejected, load_rgb, stored_image_bytes
-from stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
-from stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, check_checkpoint_source, is_out_of_memory
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.schemas import IMAGE_SCHEMA, REGION_SCHEMA, rows_to_table
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
+from ps3_engine.stages.geometry import BoxXYXY
+from ps3_engine.stages.imaging import ImageRejected, load_rgb, stored_image_bytes
+from ps3_engine.stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
+from ps3_engine.stages.segmenters.sam2 import Sam2Segmenter, Sam2Settings, check_checkpoint_source, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 

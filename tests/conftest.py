@@ -81,7 +81,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_captioner(tmp_path_factory) -> Path:
     """The locally trained tiny Qwen2-VL captioner (built once per session, or cached in PS3_TEST_CACHE)."""
-    from training.tiny_captioner import build_tiny_captioner
+    from ps3_engine.training.tiny_captioner import build_tiny_captioner
 
     cache = os.environ.get("PS3_TEST_CACHE")
     folder = Path(cache) / "tiny-captioner" if cache else tmp_path_factory.mktemp("tiny-captioner")

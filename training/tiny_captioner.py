@@ -97,7 +97,7 @@ def build_tiny_captioner(out_dir: str | Path, *, train_steps: int = 120, seed: i
         Qwen2VLVideoProcessor,
     )
 
-    from stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
+    from ps3_engine.stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
 
     out = Path(out_dir)
     marker = out / "ps3_tiny_captioner.json"
@@ -161,7 +161,7 @@ def _train(model, processor, scenes: list[tuple[Image.Image, str]], steps: int, 
     """Teach the answer format: short template sentences ending with <|im_end|> after both prompts."""
     import torch
 
-    from stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
+    from ps3_engine.stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()

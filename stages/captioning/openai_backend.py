@@ -20,8 +20,8 @@ from typing import Any
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.http import parse_retry_after
-from stages.captioning.backends import (
+from ps3_engine.infra.http import parse_retry_after
+from ps3_engine.stages.captioning.backends import (
     CaptionBackend,
     CaptionBackendUnavailable,
     CaptionRequest,

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings
-from stages.captioning.backends import (
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.stages.captioning.backends import (
     CaptionBackend,
     CaptionBackendUnavailable,
     CaptionRequest,
@@ -26,7 +26,7 @@ from stages.captioning.backends import (
     generate_isolating_failures,
     torch_out_of_memory,
 )
-from stages.captioning.weights import resolve_model_dir
+from ps3_engine.stages.captioning.weights import resolve_model_dir
 
 logger = logging.getLogger(__name__)
 

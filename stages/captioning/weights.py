@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from infra.storage import S3Settings, is_s3_uri, read_uri_bytes, resolve_filesystem
-from stages.captioning.backends import CaptionBackendUnavailable
+from ps3_engine.infra.storage import S3Settings, is_s3_uri, read_uri_bytes, resolve_filesystem
+from ps3_engine.stages.captioning.backends import CaptionBackendUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas import CORPUS_SCHEMA, rows_to_table
-from schemas.document import DOCUMENT_PAGE_SCHEMA
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from stages.corpus import split_for
-from stages.documents.text_regions import SCHEMES, Scheme
+from ps3_engine.schemas import CORPUS_SCHEMA, rows_to_table
+from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.corpus import split_for
+from ps3_engine.stages.documents.text_regions import SCHEMES, Scheme
 
 SOURCE_TYPE = "document"
 

@@ -1,6 +1,6 @@
 """Tesseract OCR for pages without a text layer (scans), behind the same word-box interface.
 
-``TesseractOcr.words(image)`` returns the same :class:`~stages.documents.text_regions.Word` list as the
+``TesseractOcr.words(image)`` returns the same :class:`~ps3_engine.stages.documents.text_regions.Word` list as the
 text layer does, boxes in the pixels of the image it was given (the rendered page), with tesseract's
 block/paragraph numbers as text blocks. pytesseract is imported lazily and the tesseract binary is
 checked once in :meth:`TesseractOcr.check`, so a worker without OCR never needs either, and a missing
@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.documents.text_regions import Word
+from ps3_engine.stages.documents.text_regions import Word
 
 
 class OcrUnavailable(RuntimeError):

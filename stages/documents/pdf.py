@@ -4,7 +4,7 @@ pdfium is not thread-safe: one worker uses it from one thread at a time (the ren
 threads but opens and renders sequentially). Text-layer words come from pdfium's character list: loose
 character boxes (font ascent to descent, so every word on a line gets the line's height), split at
 whitespace and at the line breaks pdfium inserts, mapped into rendered-page pixels with
-:func:`~stages.documents.text_regions.points_to_pixels`.
+:func:`~ps3_engine.stages.documents.text_regions.points_to_pixels`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
-from stages.documents.text_regions import PageGeometry, Word, assign_blocks, points_to_pixels, rendered_size
+from ps3_engine.stages.documents.text_regions import PageGeometry, Word, assign_blocks, points_to_pixels, rendered_size
 
 PDFIUM_VERSION = f"pdfium {pdfium.version.PDFIUM_INFO.tag} (pypdfium2 {pdfium.version.PYPDFIUM_INFO.version})"
 _LINE_BREAK = 0x0A

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.geometry import BoxXYXY
+from ps3_engine.stages.geometry import BoxXYXY
 
 Scheme = Literal["sentence", "word_run"]
 SCHEMES: tuple[Scheme, ...] = ("sentence", "word_run")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.segmenters.masks import MaskSet
+from ps3_engine.stages.segmenters.masks import MaskSet
 
 
 class ClassicalSettings(BaseModel):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.geometry import BoxXYXY
+from ps3_engine.stages.geometry import BoxXYXY
 
 
 @dataclass(frozen=True)

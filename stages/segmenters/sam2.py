@@ -15,8 +15,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.storage import S3Settings, is_s3_uri, read_uri_bytes
-from stages.segmenters.masks import MaskSet
+from ps3_engine.infra.storage import S3Settings, is_s3_uri, read_uri_bytes
+from ps3_engine.stages.segmenters.masks import MaskSet
 
 logger = logging.getLogger(__name__)
 

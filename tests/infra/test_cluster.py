@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.storage import S3Settings, Storage
-from pipeline.cli import main
-from pipeline.samples import write_scenes
-from pipeline.submit import WORKING_DIR_EXCLUDES, entrypoint, runtime_env, submit_when_ready, wait_for_job
-from training.ps3.tokenizer import build_tiny_text_tokenizer
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.cli import main
+from ps3_engine.pipeline.samples import write_scenes
+from ps3_engine.pipeline.submit import WORKING_DIR_EXCLUDES, entrypoint, runtime_env, submit_when_ready, wait_for_job
+from ps3_engine.training.ps3.tokenizer import build_tiny_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_DIR = ROOT / "infra" / "cluster"

@@ -31,8 +31,8 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-import infra.http
-from infra.http import (
+from ps3_engine import infra
+from ps3_engine.infra.http import (
     BlockedAddressError,
     FetchError,
     FetchResult,
@@ -43,7 +43,7 @@ from infra.http import (
     is_public_address,
     parse_retry_after,
 )
-from stages.crawl import CrawlConfig, CrawlStage, HttpConfig
+from ps3_engine.stages.crawl import CrawlConfig, CrawlStage, HttpConfig
 
 # --------------------------------------------------------------------------------------------------
 # The loopback server

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from infra.storage import Storage, list_uri, read_uri_bytes, resolve_filesystem, uri_is_dir
+from ps3_engine.infra.storage import Storage, list_uri, read_uri_bytes, resolve_filesystem, uri_is_dir
 
 
 @pytest.fixture(params=["local", "s3"])

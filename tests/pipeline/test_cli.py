@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from ps3_engine.pipeline.cli import build_parser, main
 from tests.support.zoo import ZOO_CRAWL_OVERRIDES
 
 
@@ -20,7 +20,7 @@ def test_help_lists_every_command():
 
 def test_console_script_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "crawl", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "ps3_engine.pipeline.cli", "crawl", "--help"], capture_output=True, text=True, check=True
     )
     assert "--retry-failed" in result.stdout and "--input" in result.stdout
 
@@ -76,7 +76,7 @@ def test_status_of_a_non_run_is_an_error(tmp_path, capsys):
 def test_example_configs_validate(name):
     from pathlib import Path
 
-    from pipeline.config import load_run_config
+    from ps3_engine.pipeline.config import load_run_config
 
     config = load_run_config(Path(__file__).resolve().parents[2] / "configs" / name)
     assert config.run_root and config.caption.prompts.version == "ps3-v1"
@@ -86,7 +86,7 @@ def test_example_configs_validate(name):
 def test_json_log_format_emits_one_object_per_line(capsys, tmp_path):
     import logging
 
-    from pipeline.cli import JsonLogFormatter
+    from ps3_engine.pipeline.cli import JsonLogFormatter
 
     record = logging.LogRecord("ps3", logging.WARNING, __file__, 1, "shard %s failed", ("s1",), None)
     line = json.loads(JsonLogFormatter().format(record))

@@ -20,15 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from infra.storage import Storage
-from pipeline.config import RunConfig, load_run_config
-from pipeline.corpus import MANIFEST_KEY
-from pipeline.layout import RunLayout
-from pipeline.runner import run_build_corpus, run_pipeline, stage_fingerprints
-from pipeline.samples import write_scenes
-from schemas.corpus import SCHEMA_VERSION
-from stages.captioning.hygiene import clean_caption, strip_boilerplate
-from stages.corpus import split_for
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.corpus import MANIFEST_KEY
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_build_corpus, run_pipeline, stage_fingerprints
+from ps3_engine.pipeline.samples import write_scenes
+from ps3_engine.schemas.corpus import SCHEMA_VERSION
+from ps3_engine.stages.captioning.hygiene import clean_caption, strip_boilerplate
+from ps3_engine.stages.corpus import split_for
 
 NUM_SCENES = 6
 VALIDATION_FRACTION = 0.34

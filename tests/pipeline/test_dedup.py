@@ -11,14 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from infra.storage import Storage
-from pipeline import dedup
-from pipeline.config import load_run_config
-from pipeline.dedup import find_duplicates
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
-from pipeline.samples import synthetic_scene
-from stages.imaging import hamming_distance
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline import dedup
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.dedup import find_duplicates
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.pipeline.samples import synthetic_scene
+from ps3_engine.stages.imaging import hamming_distance
 
 FAR_HASHES = [0, 2**64 - 1, 0x5555_5555_5555_5555, 0xAAAA_AAAA_0000_0000, 0x0000_0000_FFFF_FFFF]
 

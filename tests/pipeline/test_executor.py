@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from infra.storage import Storage
-from pipeline.executor import ExecutorConfig, InProcessExecutor, RayDataExecutor
-from pipeline.layout import RunLayout, ShardTask
-from pipeline.shard_runner import StageSpec
-from schemas import CRAWL_ITEM_SCHEMA
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.executor import ExecutorConfig, InProcessExecutor, RayDataExecutor
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.shard_runner import StageSpec
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA
 from tests.support.stages import EchoConfig, EchoModelStage
 
 

@@ -30,13 +30,13 @@ from urllib.parse import urlparse
 import pyarrow.parquet as pq
 import pytest
 
-from infra.storage import Storage
-from pipeline.config import RunConfig, load_run_config
-from pipeline.conservation import check_run
-from pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
-from pipeline.layout import RunLayout
-from pipeline.runner import StageRunResult, run_pipeline
-from pipeline.samples import write_scenes
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.conservation import check_run
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import StageRunResult, run_pipeline
+from ps3_engine.pipeline.samples import write_scenes
 from tests.support.faults import FaultProxy, MountUnavailable, ProcessKiller, tmpfs
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.storage import Storage
-from pipeline.cli import main
-from pipeline.config import RunConfig, load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_pipeline, stage_fingerprints
-from pipeline.samples import write_scenes
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.cli import main
+from ps3_engine.pipeline.config import RunConfig, load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_pipeline, stage_fingerprints
+from ps3_engine.pipeline.samples import write_scenes
 
 
 def overrides_for(tiny_captioner) -> list[str]:

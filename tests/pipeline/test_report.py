@@ -7,11 +7,11 @@ import subprocess
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_run_config
-from pipeline.report import bar_chart_svg, build_report, histogram_svg
-from pipeline.runner import run_pipeline
-from pipeline.samples import write_scenes
+from ps3_engine.pipeline.cli import main
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.report import bar_chart_svg, build_report, histogram_svg
+from ps3_engine.pipeline.runner import run_pipeline
+from ps3_engine.pipeline.samples import write_scenes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

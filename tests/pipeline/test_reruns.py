@@ -7,10 +7,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from infra.storage import Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from infra.storage import S3Settings, Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
-from pipeline.sources import plan_crawl, plan_items
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.pipeline.sources import plan_crawl, plan_items
 
 
 def test_csv_metadata_columns_are_mapped(tmp_path):

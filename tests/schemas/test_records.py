@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-import schemas
-from schemas import RECORD_KINDS, records_to_table, table_to_records
-from schemas.document import DocumentRegion
+from ps3_engine import schemas
+from ps3_engine.schemas import RECORD_KINDS, records_to_table, table_to_records
+from ps3_engine.schemas.document import DocumentRegion
 from tests.stages.test_documents import sample_page
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.box_selection import box_scores, candidate_boxes, select_top_boxes
-from stages.geometry import BoxXYXY, boxes_overlap, intersection_area, iou, is_inside, scale_box
-from stages.segmenters.masks import MaskSet
+from ps3_engine.stages.box_selection import box_scores, candidate_boxes, select_top_boxes
+from ps3_engine.stages.geometry import BoxXYXY, boxes_overlap, intersection_area, iou, is_inside, scale_box
+from ps3_engine.stages.segmenters.masks import MaskSet
 
 sizes = st.integers(min_value=64, max_value=5000)
 fractions = st.sampled_from([0.1, 0.15, 0.2, 0.25, 0.5, 1.0])

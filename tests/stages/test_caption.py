@@ -16,22 +16,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-import stages.caption as caption_module
-from infra.storage import S3Settings, Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_caption, run_crawl, run_segment
-from pipeline.samples import planted_scene
-from schemas import IMAGE_SCHEMA, REGION_SCHEMA
-from stages.base import ShardContext
-from stages.caption import (
+import ps3_engine.stages.caption as caption_module
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_caption, run_crawl, run_segment
+from ps3_engine.pipeline.samples import planted_scene
+from ps3_engine.schemas import IMAGE_SCHEMA, REGION_SCHEMA
+from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.caption import (
     CAPTION_INPUT_SCHEMA,
     CaptionConfig,
     CaptionStage,
     caption_id_for,
     join_regions_with_images,
 )
-from stages.captioning.backends import (
+from ps3_engine.stages.captioning.backends import (
     CaptionBackendUnavailable,
     CaptionRequest,
     CaptionResult,
@@ -39,11 +39,11 @@ from stages.captioning.backends import (
     generate_isolating_failures,
     torch_out_of_memory,
 )
-from stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
-from stages.captioning.transformers_backend import TransformersCaptioner, TransformersSettings
-from stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
-from stages.captioning.weights import resolve_model_dir
-from stages.geometry import fit_to_pixel_budget
+from ps3_engine.stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
+from ps3_engine.stages.captioning.transformers_backend import TransformersCaptioner, TransformersSettings
+from ps3_engine.stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
+from ps3_engine.stages.captioning.weights import resolve_model_dir
+from ps3_engine.stages.geometry import fit_to_pixel_budget
 
 # -- fit_to_pixel_budget ------------------------------------------------------------------------
 

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from infra.storage import Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl
 from tests.support.zoo import ZOO_CRAWL_OVERRIDES, ZOO_EXPECTED
 
 VOLATILE_IMAGE_COLUMNS = ["fetched_at"]

@@ -17,21 +17,27 @@ import pytest
 from PIL import Image
 from reportlab.lib.pdfencrypt import StandardEncryption
 
-from infra.static_server import serve_directory
-from infra.storage import Storage
-from pipeline.corpus import build_corpus
-from pipeline.documents import check_documents, plan_document_corpus, plan_documents
-from pipeline.executor import ExecutorConfig, make_executor
-from pipeline.layout import RunLayout
-from pipeline.shard_runner import StageSpec
-from schemas import CORPUS_SCHEMA, CRAWL_ITEM_SCHEMA, check_model_matches_schema, records_to_table, rows_to_table
-from schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage, DocumentRegion
-from stages.base import ShardContext
-from stages.corpus import CorpusConfig
-from stages.documents.corpus import DocumentCorpusConfig, DocumentCorpusStage, document_corpus_rows
-from stages.documents.ocr import OcrUnavailable
-from stages.geometry import BoxXYXY, iou
-from stages.render import RenderConfig, RenderStage
+from ps3_engine.infra.static_server import serve_directory
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.corpus import build_corpus
+from ps3_engine.pipeline.documents import check_documents, plan_document_corpus, plan_documents
+from ps3_engine.pipeline.executor import ExecutorConfig, make_executor
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.shard_runner import StageSpec
+from ps3_engine.schemas import (
+    CORPUS_SCHEMA,
+    CRAWL_ITEM_SCHEMA,
+    check_model_matches_schema,
+    records_to_table,
+    rows_to_table,
+)
+from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage, DocumentRegion
+from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.corpus import CorpusConfig
+from ps3_engine.stages.documents.corpus import DocumentCorpusConfig, DocumentCorpusStage, document_corpus_rows
+from ps3_engine.stages.documents.ocr import OcrUnavailable
+from ps3_engine.stages.geometry import BoxXYXY, iou
+from ps3_engine.stages.render import RenderConfig, RenderStage
 from tests.support.pdfs import blank_pdf, rotate_box, rotated_pdf, scanned_pdf, text_pdf, to_pixels
 
 needs_tesseract = pytest.mark.skipif(
@@ -432,7 +438,7 @@ def test_run_with_documents_only_builds_a_document_corpus(tmp_path, capsys):
 
     import polars as pl
 
-    from pipeline.cli import main
+    from ps3_engine.pipeline.cli import main
     from tests.support.pdfs import text_pdf
 
     folder = tmp_path / "pdfs"

@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.samples import synthetic_scene
-from stages.crawl import CrawlConfig
-from stages.imaging import (
+from ps3_engine.pipeline.samples import synthetic_scene
+from ps3_engine.stages.crawl import CrawlConfig
+from ps3_engine.stages.imaging import (
     ImageRejected,
     exif_orientation,
     hamming_distance,

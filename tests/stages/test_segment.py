@@ -12,17 +12,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from infra.storage import Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_crawl, run_segment
-from pipeline.samples import planted_scene
-from schemas import IMAGE_SCHEMA
-from stages.base import ShardContext
-from stages.geometry import BoxXYXY, boxes_overlap, is_inside
-from stages.segment import SegmentConfig, SegmentStage, region_id_for
-from stages.segmenters.masks import MaskSet
-from stages.segmenters.sam2 import Sam2Settings, check_checkpoint_source, resolve_checkpoint
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_crawl, run_segment
+from ps3_engine.pipeline.samples import planted_scene
+from ps3_engine.schemas import IMAGE_SCHEMA
+from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.geometry import BoxXYXY, boxes_overlap, is_inside
+from ps3_engine.stages.segment import SegmentConfig, SegmentStage, region_id_for
+from ps3_engine.stages.segmenters.masks import MaskSet
+from ps3_engine.stages.segmenters.sam2 import Sam2Settings, check_checkpoint_source, resolve_checkpoint
 
 SAM2_TINY = [
     "segment.backend=sam2",
@@ -229,7 +229,7 @@ def test_out_of_memory_batches_are_split_and_retried():
 
 
 def test_pixel_budget_groups_images():
-    from stages.segment import pixel_batches
+    from ps3_engine.stages.segment import pixel_batches
 
     assert pixel_batches([5, 5, 5, 20, 1], budget=10) == [[0, 1], [2], [3], [4]]
     assert pixel_batches([], budget=10) == []

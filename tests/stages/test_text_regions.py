@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages.documents.ocr import words_from_tesseract_data
-from stages.documents.pdf import open_pdf, page_geometry
-from stages.documents.text_regions import (
+from ps3_engine.stages.documents.ocr import words_from_tesseract_data
+from ps3_engine.stages.documents.pdf import open_pdf, page_geometry
+from ps3_engine.stages.documents.text_regions import (
     PageGeometry,
     Word,
     assign_blocks,
@@ -22,7 +22,7 @@ from stages.documents.text_regions import (
     union_box,
     word_run_regions,
 )
-from stages.geometry import is_inside
+from ps3_engine.stages.geometry import is_inside
 from tests.support.pdfs import rotated_pdf, text_pdf
 
 

@@ -17,7 +17,7 @@ from reportlab.lib.utils import ImageReader
 from reportlab.pdfbase.pdfmetrics import getAscentDescent, stringWidth
 from reportlab.pdfgen import canvas
 
-from stages.geometry import BoxXYXY
+from ps3_engine.stages.geometry import BoxXYXY
 
 FONT = "Helvetica"
 LETTER = (612.0, 792.0)

@@ -8,8 +8,8 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from schemas import CRAWL_ITEM_SCHEMA
-from stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.schemas import CRAWL_ITEM_SCHEMA
+from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 
 ECHO_SCHEMA = pa.schema(
     [

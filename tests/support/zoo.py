@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.samples import synthetic_scene
+from ps3_engine.pipeline.samples import synthetic_scene
 
 GOOD_SIZE = (2048, 1536)
 

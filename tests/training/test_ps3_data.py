@@ -20,12 +20,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from infra.storage import Storage
-from pipeline.corpus import MANIFEST_KEY, OutputShard, RowSlice, _manifest, write_output_shard
-from schemas.corpus import CORPUS_SCHEMA
-from stages.corpus import CorpusConfig
-from stages.geometry import BoxXYXY
-from training.ps3.data import (
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.corpus import MANIFEST_KEY, OutputShard, RowSlice, _manifest, write_output_shard
+from ps3_engine.schemas.corpus import CORPUS_SCHEMA
+from ps3_engine.stages.corpus import CorpusConfig
+from ps3_engine.stages.geometry import BoxXYXY
+from ps3_engine.training.ps3.data import (
     CorpusSampleTransform,
     box_xyxy_in_output,
     check_corpus,
@@ -41,7 +41,7 @@ from training.ps3.data import (
     split_sentences,
     training_dataset,
 )
-from training.ps3.tokenizer import build_tiny_text_tokenizer
+from ps3_engine.training.ps3.tokenizer import build_tiny_text_tokenizer
 
 SIZE = 64
 CONTEXT = 16

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
-from training.ps3.losses import PS3Loss, ps3_loss, selection_bce, siglip_loss
+from ps3_engine.training.ps3.losses import PS3Loss, ps3_loss, selection_bce, siglip_loss
 
 WORLD_SIZE = 2
 BATCH = 6

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from transformers import SiglipConfig, SiglipModel
 
-from training.ps3.config import PS3ModelConfig
-from training.ps3.model import PS3CLIP, PS3VisionModel, encode_image
-from training.ps3.selection import roll_over, select_top_k, split_budget
+from ps3_engine.training.ps3.config import PS3ModelConfig
+from ps3_engine.training.ps3.model import PS3CLIP, PS3VisionModel, encode_image
+from ps3_engine.training.ps3.selection import roll_over, select_top_k, split_budget
 
 BATCH = 3
 SIZE = 224  # the tiny config's largest scale; grids 4 (low-res), 8 and 16

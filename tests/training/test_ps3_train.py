@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.storage import S3Settings, Storage
-from pipeline.cli import main
-from pipeline.corpus import MANIFEST_KEY
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.cli import main
+from ps3_engine.pipeline.corpus import MANIFEST_KEY
+from ps3_engine.training.ps3.recipes import load_recipe
+from ps3_engine.training.ps3.tokenizer import build_tiny_text_tokenizer
+from ps3_engine.training.ps3.train import CorpusRejected, launch, lr_at
 from tests.training.test_ps3_data import write_corpus
-from training.ps3.recipes import load_recipe
-from training.ps3.tokenizer import build_tiny_text_tokenizer
-from training.ps3.train import CorpusRejected, launch, lr_at
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def _fixed_batch(corpus, recipe, size: int = 4) -> dict:
     import numpy as np
     import torch
 
-    from training.ps3.data import CorpusSampleTransform, iter_samples
+    from ps3_engine.training.ps3.data import CorpusSampleTransform, iter_samples
 
     transform = CorpusSampleTransform(
         image_size=recipe.image_size,
@@ -117,8 +117,8 @@ def _fixed_batch(corpus, recipe, size: int = 4) -> dict:
 def _state(recipe):
     import torch
 
-    from training.ps3.model import PS3CLIP
-    from training.ps3.train import TrainState
+    from ps3_engine.training.ps3.model import PS3CLIP
+    from ps3_engine.training.ps3.train import TrainState
 
     torch.manual_seed(recipe.seed)
     return TrainState.create(PS3CLIP.from_config(recipe.model), recipe)
@@ -127,7 +127,7 @@ def _state(recipe):
 def test_the_loss_decreases_over_a_few_dozen_steps(corpus, debug_recipe):
     import torch
 
-    from training.ps3.train import train_step
+    from ps3_engine.training.ps3.train import train_step
 
     recipe = debug_recipe.model_copy(update={"max_steps": 30, "warmup_steps": 3})
     batch, state = _fixed_batch(corpus, recipe), _state(recipe)
@@ -139,7 +139,7 @@ def test_the_loss_decreases_over_a_few_dozen_steps(corpus, debug_recipe):
 def test_resuming_from_a_checkpoint_gives_the_same_next_step(corpus, debug_recipe, tmp_path):
     import torch
 
-    from training.ps3.train import train_step
+    from ps3_engine.training.ps3.train import train_step
 
     recipe = debug_recipe.model_copy(update={"max_steps": 10, "warmup_steps": 2})
     batch, cpu = _fixed_batch(corpus, recipe), torch.device("cpu")

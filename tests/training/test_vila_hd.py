@@ -15,31 +15,30 @@ import numpy as np
 import pytest
 import torch
 
-from infra.storage import Storage
-from tests.training.test_ps3_data import write_corpus
-from training.ps3.train import NonFiniteLoss
-from training.vila_hd.config import VilaHDConfig
-from training.vila_hd.data import (
+from ps3_engine.infra.storage import Storage
+from ps3_engine.training.ps3.train import NonFiniteLoss
+from ps3_engine.training.vila_hd.config import VilaHDConfig
+from ps3_engine.training.vila_hd.data import (
     GroundedSampleMaker,
     SFTSampleTransform,
     VilaHDSample,
     caption_subject,
     grounded_samples_from_corpus,
 )
-from training.vila_hd.infer import answer, load_for_inference
-from training.vila_hd.model import VilaHD
-from training.vila_hd.projector import space_to_channel
-from training.vila_hd.recipes import ALL_COMPONENTS, load_recipe
-from training.vila_hd.sequence import find_prompt_ends, left_align, resolve_budget
-from training.vila_hd.sft_dataset import (
+from ps3_engine.training.vila_hd.infer import answer, load_for_inference
+from ps3_engine.training.vila_hd.model import VilaHD
+from ps3_engine.training.vila_hd.projector import space_to_channel
+from ps3_engine.training.vila_hd.recipes import ALL_COMPONENTS, load_recipe
+from ps3_engine.training.vila_hd.sequence import find_prompt_ends, left_align, resolve_budget
+from ps3_engine.training.vila_hd.sft_dataset import (
     SFT_MANIFEST_KEY,
     check_sft_dataset,
     check_training_data,
     training_rows,
     write_sft_dataset,
 )
-from training.vila_hd.synthetic import SQUARE_COLOURS, SYNTHETIC_QUESTION, quadrant_samples
-from training.vila_hd.tokenizer import (
+from ps3_engine.training.vila_hd.synthetic import SQUARE_COLOURS, SYNTHETIC_QUESTION, quadrant_samples
+from ps3_engine.training.vila_hd.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     build_tiny_chat_tokenizer,
@@ -47,7 +46,8 @@ from training.vila_hd.tokenizer import (
     load_chat_tokenizer,
     render_conversation,
 )
-from training.vila_hd.train import DataRejected, VilaHDTrainer, launch, read_state
+from ps3_engine.training.vila_hd.train import DataRejected, VilaHDTrainer, launch, read_state
+from tests.training.test_ps3_data import write_corpus
 
 SIZE = 224  # the tiny PS3's largest scale: grids 4 (low-res), 8 and 16
 CONTEXT = 48
@@ -278,7 +278,7 @@ def test_selection_follows_the_prompt_and_the_lm_loss_decreases(tokenizer, token
 
 
 def _box(quadrant: int):
-    from training.vila_hd.synthetic import quadrant_box
+    from ps3_engine.training.vila_hd.synthetic import quadrant_box
 
     return quadrant_box(quadrant, SIZE, SIZE // 28)
 
@@ -289,7 +289,7 @@ def _colour_at(sample: VilaHDSample, quadrant: int) -> str:
 
     from PIL import Image
 
-    from training.tiny_captioner import COLOURS
+    from ps3_engine.training.tiny_captioner import COLOURS
 
     box = _box(quadrant)
     with Image.open(io.BytesIO(sample.image_bytes or b"")) as image:
@@ -434,7 +434,7 @@ def _scene(tmp_path: Path) -> str:
 def test_cli_answers_with_the_requested_budget(tmp_path, capsys):
     from PIL import Image
 
-    from pipeline.cli import main
+    from ps3_engine.pipeline.cli import main
 
     image = tmp_path / "q.jpg"
     Image.new("RGB", (300, 300), (200, 30, 30)).save(image)

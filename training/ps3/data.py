@@ -34,11 +34,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from infra.storage import S3Settings, Storage, read_uri_bytes
-from pipeline.corpus import MANIFEST_KEY
-from schemas.corpus import CORPUS_SCHEMA, SCHEMA_VERSION
-from stages.captioning.hygiene import strip_boilerplate
-from stages.geometry import BoxXYXY
+from ps3_engine.infra.storage import S3Settings, Storage, read_uri_bytes
+from ps3_engine.pipeline.corpus import MANIFEST_KEY
+from ps3_engine.schemas.corpus import CORPUS_SCHEMA, SCHEMA_VERSION
+from ps3_engine.stages.captioning.hygiene import strip_boilerplate
+from ps3_engine.stages.geometry import BoxXYXY
 
 if TYPE_CHECKING:
     import ray.data

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 
-from training.ps3.config import PS3ModelConfig, check_towers
-from training.ps3.vision import PS3VisionModel, PS3VisionOutput
+from ps3_engine.training.ps3.config import PS3ModelConfig, check_towers
+from ps3_engine.training.ps3.vision import PS3VisionModel, PS3VisionOutput
 
 __all__ = ["PS3CLIP", "PS3VisionModel", "PS3VisionOutput", "encode_image"]
 
@@ -128,7 +128,7 @@ def resolve_checkpoint_dir(pretrained: str, cache_dir: str, s3: Any = None) -> s
     """
     if pretrained.startswith("s3://"):
         # The S3 prefix sync lives with the captioner weights; it goes through the infra storage seam.
-        from stages.captioning.weights import resolve_model_dir
+        from ps3_engine.stages.captioning.weights import resolve_model_dir
 
         return resolve_model_dir(pretrained, str(Path(cache_dir).expanduser()), s3)
     folder = Path(pretrained).expanduser()

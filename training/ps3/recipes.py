@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.ps3.config import PS3ModelConfig
+from ps3_engine.training.ps3.config import PS3ModelConfig
 
 
 class PS3Recipe(BaseModel):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 
-from training.ps3.layers import Mlp, ShallowConvNet
+from ps3_engine.training.ps3.layers import Mlp, ShallowConvNet
 
 LOGIT_MULTIPLIER = 5.0
 LOGIT_CLAMP = 10.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.tiny_captioner import COLOURS, PLACES, SHAPES
+from ps3_engine.training.tiny_captioner import COLOURS, PLACES, SHAPES
 
 TINY_TEXT_VOCAB = 512
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.storage import S3Settings
-from training.ps3.recipes import PS3Recipe
+from ps3_engine.infra.storage import S3Settings
+from ps3_engine.training.ps3.recipes import PS3Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def train_step(state: TrainState, batch: dict[str, Any], device: Any) -> dict[st
     """One optimisation step on ``batch``; raises :class:`NonFiniteLoss` instead of stepping on NaN/inf."""
     import torch
 
-    from training.ps3.losses import ps3_loss
+    from ps3_engine.training.ps3.losses import ps3_loss
 
     recipe = state.recipe
     for group, base in zip(state.optimizer.param_groups, state.base_lrs, strict=True):
@@ -164,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from training.ps3.model import PS3CLIP
+    from ps3_engine.training.ps3.model import PS3CLIP
 
     recipe = PS3Recipe.model_validate(config["recipe"])
     torch.manual_seed(recipe.seed)
@@ -229,7 +229,7 @@ def launch(
     split: str = "train",
 ) -> LaunchResult:
     """Check the corpus, then train on a Ray cluster (joins RAY_ADDRESS or starts a local one)."""
-    from training.ps3.data import CorpusSampleTransform, check_corpus, training_dataset
+    from ps3_engine.training.ps3.data import CorpusSampleTransform, check_corpus, training_dataset
 
     check = check_corpus(corpus, s3)
     if not check.ok:
@@ -240,7 +240,7 @@ def launch(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.executor import ensure_ray
+    from ps3_engine.pipeline.executor import ensure_ray
 
     ensure_ray(None)
     tokenizer_path = recipe.tokenizer or recipe.model.pretrained
@@ -292,7 +292,7 @@ def _storage(storage_path: str, s3: S3Settings | None) -> tuple[str, Any]:
     if not storage_path.startswith("s3://"):
         Path(storage_path).mkdir(parents=True, exist_ok=True)
         return str(Path(storage_path).resolve()), None
-    from infra.storage import resolve_filesystem
+    from ps3_engine.infra.storage import resolve_filesystem
 
     filesystem, path = resolve_filesystem(storage_path, s3)
     return path, filesystem

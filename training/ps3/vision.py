@@ -23,9 +23,15 @@ import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from training.ps3.config import PS3ModelConfig
-from training.ps3.layers import block_forward
-from training.ps3.selection import PatchSelector, area_downsample, select_top_k, split_budget, upsample_nearest
+from ps3_engine.training.ps3.config import PS3ModelConfig
+from ps3_engine.training.ps3.layers import block_forward
+from ps3_engine.training.ps3.selection import (
+    PatchSelector,
+    area_downsample,
+    select_top_k,
+    split_budget,
+    upsample_nearest,
+)
 
 
 @dataclass

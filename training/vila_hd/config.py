@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.ps3.config import PS3ModelConfig
-from training.vila_hd.tokenizer import IMAGE_TOKEN, TINY_VOCAB, TURN_END
+from ps3_engine.training.ps3.config import PS3ModelConfig
+from ps3_engine.training.vila_hd.tokenizer import IMAGE_TOKEN, TINY_VOCAB, TURN_END
 
 # What VILA-HD is made of, the units a training stage unfreezes.
 COMPONENTS = ("projector", "top_down_head", "selector", "vision", "llm")

@@ -35,16 +35,16 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from infra.storage import S3Settings, Storage, read_uri_bytes
-from pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
-from stages.captioning.hygiene import strip_boilerplate
-from training.ps3.data import (
+from ps3_engine.infra.storage import S3Settings, Storage, read_uri_bytes
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
+from ps3_engine.stages.captioning.hygiene import strip_boilerplate
+from ps3_engine.training.ps3.data import (
     SampleError,
     decode_oriented,
     rasterise_box_xyxy,
     split_sentences,
 )
-from training.vila_hd.tokenizer import IGNORE_INDEX, encode_conversation, load_chat_tokenizer
+from ps3_engine.training.vila_hd.tokenizer import IGNORE_INDEX, encode_conversation, load_chat_tokenizer
 
 logger = logging.getLogger(__name__)
 

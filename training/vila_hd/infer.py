@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.storage import S3Settings, read_uri_bytes
-from training.vila_hd.config import VilaHDConfig
-from training.vila_hd.model import VilaHD
-from training.vila_hd.sequence import resolve_budget
-from training.vila_hd.tokenizer import build_tiny_chat_tokenizer, load_chat_tokenizer, resolve_folder
+from ps3_engine.infra.storage import S3Settings, read_uri_bytes
+from ps3_engine.training.vila_hd.config import VilaHDConfig
+from ps3_engine.training.vila_hd.model import VilaHD
+from ps3_engine.training.vila_hd.sequence import resolve_budget
+from ps3_engine.training.vila_hd.tokenizer import build_tiny_chat_tokenizer, load_chat_tokenizer, resolve_folder
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ def answer(
     """
     import torch
 
-    from training.ps3.data import decode_oriented
-    from training.vila_hd.data import image_pixels
+    from ps3_engine.training.ps3.data import decode_oriented
+    from ps3_engine.training.vila_hd.data import image_pixels
 
     model, tokenizer = loaded or load_for_inference(checkpoint, s3, device)
     ps3 = model.cfg.ps3

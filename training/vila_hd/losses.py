@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor
 
-from training.vila_hd.tokenizer import IGNORE_INDEX
+from ps3_engine.training.vila_hd.tokenizer import IGNORE_INDEX
 
 DICE_EPS = 1e-6
 

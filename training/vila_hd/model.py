@@ -35,15 +35,26 @@ import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from infra.storage import S3Settings, Storage
-from training.ps3.model import DEFAULT_WEIGHTS_CACHE, PS3CLIP, resolve_checkpoint_dir
-from training.ps3.selection import area_downsample, upsample_nearest
-from training.ps3.vision import LowResPass, PS3VisionModel
-from training.vila_hd.config import COMPONENTS, VilaHDConfig
-from training.vila_hd.losses import next_token_loss, selection_loss
-from training.vila_hd.projector import DownsampleProjector, HighResPositions, TopDownPromptHead, space_to_channel
-from training.vila_hd.sequence import find_image_positions, find_prompt_ends, left_align, resolve_budget, splice_vision
-from training.vila_hd.tokenizer import encode_conversation
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.training.ps3.model import DEFAULT_WEIGHTS_CACHE, PS3CLIP, resolve_checkpoint_dir
+from ps3_engine.training.ps3.selection import area_downsample, upsample_nearest
+from ps3_engine.training.ps3.vision import LowResPass, PS3VisionModel
+from ps3_engine.training.vila_hd.config import COMPONENTS, VilaHDConfig
+from ps3_engine.training.vila_hd.losses import next_token_loss, selection_loss
+from ps3_engine.training.vila_hd.projector import (
+    DownsampleProjector,
+    HighResPositions,
+    TopDownPromptHead,
+    space_to_channel,
+)
+from ps3_engine.training.vila_hd.sequence import (
+    find_image_positions,
+    find_prompt_ends,
+    left_align,
+    resolve_budget,
+    splice_vision,
+)
+from ps3_engine.training.vila_hd.tokenizer import encode_conversation
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import Tensor, nn
 
-from training.ps3.layers import Mlp
+from ps3_engine.training.ps3.layers import Mlp
 
 
 def space_to_channel(grid_bhwc: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.vila_hd.config import COMPONENTS, VilaHDConfig
+from ps3_engine.training.vila_hd.config import COMPONENTS, VilaHDConfig
 
 Component = Literal["projector", "top_down_head", "selector", "vision", "llm"]
 ALL_COMPONENTS: list[Component] = list(COMPONENTS)  # type: ignore[arg-type]

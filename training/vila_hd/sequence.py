@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from training.vila_hd.tokenizer import IGNORE_INDEX
+from ps3_engine.training.vila_hd.tokenizer import IGNORE_INDEX
 
 
 def find_image_positions(input_ids: Tensor, image_token_id: int) -> Tensor:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.storage import S3Settings, Storage
-from pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
-from training.ps3.data import CorpusCheck, check_corpus, read_corpus
-from training.vila_hd.data import SFT_SCHEMA, SFT_SCHEMA_VERSION, GroundedSampleMaker, VilaHDSample
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
+from ps3_engine.training.ps3.data import CorpusCheck, check_corpus, read_corpus
+from ps3_engine.training.vila_hd.data import SFT_SCHEMA, SFT_SCHEMA_VERSION, GroundedSampleMaker, VilaHDSample
 
 if TYPE_CHECKING:
     import ray.data

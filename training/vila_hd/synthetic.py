@@ -13,8 +13,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.tiny_captioner import COLOURS
-from training.vila_hd.data import EvidenceBox, Turn, VilaHDSample
+from ps3_engine.training.tiny_captioner import COLOURS
+from ps3_engine.training.vila_hd.data import EvidenceBox, Turn, VilaHDSample
 
 SQUARE_COLOURS = ("red", "green", "blue", "yellow")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")

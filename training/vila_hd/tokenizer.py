@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from infra.storage import S3Settings
+    from ps3_engine.infra.storage import S3Settings
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|endoftext|>"
@@ -94,9 +94,9 @@ def add_image_token(tokenizer: Any) -> Any:
 
 
 def _corpus_lines() -> list[str]:
-    from training.tiny_captioner import COLOURS, PLACES, SHAPES
-    from training.vila_hd.data import DESCRIBE_TEMPLATES, QUESTION_TEMPLATES
-    from training.vila_hd.synthetic import SYNTHETIC_QUESTION, describe_quadrant
+    from ps3_engine.training.tiny_captioner import COLOURS, PLACES, SHAPES
+    from ps3_engine.training.vila_hd.data import DESCRIBE_TEMPLATES, QUESTION_TEMPLATES
+    from ps3_engine.training.vila_hd.synthetic import SYNTHETIC_QUESTION, describe_quadrant
 
     lines = []
     for colour in COLOURS:
@@ -149,7 +149,7 @@ def resolve_folder(uri: str, s3: S3Settings | None = None) -> str:
         ValueError: a local path that is not a folder.
     """
     if uri.startswith("s3://"):
-        from stages.captioning.weights import resolve_model_dir
+        from ps3_engine.stages.captioning.weights import resolve_model_dir
 
         cache = Path(os.environ.get("PS3_CACHE", "~/.cache/ps3-engine")).expanduser() / "vila-hd"
         return resolve_model_dir(uri, str(cache), s3)

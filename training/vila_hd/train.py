@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.storage import S3Settings, Storage
-from training.ps3.train import LaunchResult, NonFiniteLoss, _storage
-from training.vila_hd.recipes import VilaHDRecipe
-from training.vila_hd.tokenizer import load_chat_tokenizer
+from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.training.ps3.train import LaunchResult, NonFiniteLoss, _storage
+from ps3_engine.training.vila_hd.recipes import VilaHDRecipe
+from ps3_engine.training.vila_hd.tokenizer import load_chat_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from training.vila_hd.model import VilaHD
+    from ps3_engine.training.vila_hd.model import VilaHD
 
     recipe = VilaHDRecipe.model_validate(config["recipe"])
     torch.manual_seed(recipe.seed)
@@ -243,7 +243,7 @@ def ensure_tokenizer(recipe: VilaHDRecipe) -> VilaHDRecipe:
     """The recipe with a tokenizer: its own, the LLM's folder, or (tiny LLM) the tiny one built in a local cache."""
     if recipe.tokenizer_path is not None:
         return recipe
-    from training.vila_hd.tokenizer import build_tiny_chat_tokenizer
+    from ps3_engine.training.vila_hd.tokenizer import build_tiny_chat_tokenizer
 
     cache = Path(os.environ.get("PS3_CACHE", "~/.cache/ps3-engine")).expanduser() / "vila-hd-tiny-tokenizer"
     return recipe.model_copy(update={"tokenizer": str(build_tiny_chat_tokenizer(cache))})
@@ -263,8 +263,8 @@ def launch(
     Raises:
         DataRejected: the data is missing or malformed (nothing was started).
     """
-    from training.vila_hd.data import GroundedSampleMaker, SFTSampleTransform
-    from training.vila_hd.sft_dataset import check_training_data, training_rows
+    from ps3_engine.training.vila_hd.data import GroundedSampleMaker, SFTSampleTransform
+    from ps3_engine.training.vila_hd.sft_dataset import check_training_data, training_rows
 
     kind, check = check_training_data(data, s3)
     if not check.ok:
@@ -276,7 +276,7 @@ def launch(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.executor import ensure_ray
+    from ps3_engine.pipeline.executor import ensure_ray
 
     ensure_ray(None)
     maker = GroundedSampleMaker(kinds=tuple(recipe.grounded_kinds), max_regions_per_image=recipe.max_regions_per_image)

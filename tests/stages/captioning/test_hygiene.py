@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages.captioning.hygiene import HygieneSettings, clean_caption, strip_boilerplate
+from ps3_engine.stages.captioning.hygiene import HygieneSettings, clean_caption, strip_boilerplate
 
 
 @pytest.mark.parametrize(

@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from infra.storage import Storage
-from pipeline.config import load_run_config
-from pipeline.layout import RunLayout
-from pipeline.runner import run_caption, run_crawl, run_segment
-from pipeline.samples import planted_scene
-from stages.caption import caption_id_for
-from stages.captioning.backends import CaptionRequest, SamplingSettings
-from stages.captioning.openai_backend import OpenAICaptioner, OpenAISettings
-from stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import run_caption, run_crawl, run_segment
+from ps3_engine.pipeline.samples import planted_scene
+from ps3_engine.stages.caption import caption_id_for
+from ps3_engine.stages.captioning.backends import CaptionRequest, SamplingSettings
+from ps3_engine.stages.captioning.openai_backend import OpenAICaptioner, OpenAISettings
+from ps3_engine.stages.captioning.prompts import PS3_GLOBAL_PROMPT, PS3_LOCAL_PROMPT
 
 MODEL = "fake/qwen2-vl"
 SECRET = "sk-test-0123456789abcdef-do-not-log"
