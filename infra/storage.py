@@ -5,7 +5,8 @@ only this module knows whether a key lives on a local disk or in an S3 bucket. B
 ``pyarrow.fs`` so the same code path (and the same atomic-commit discipline) covers both:
 
 * data is first written to ``_tmp/<uuid>/<key>`` and then moved to its final key, so a reader never
-  sees a half-written object under a final key (local: ``rename``; S3: server-side copy, then delete);
+  sees a half-written object under a final key (local: ``rename``; S3: server-side copy, then a
+  delete that leaves no directory marker);
 * S3 credentials come from the environment or the instance role, never from config files; the
   endpoint may be overridden for S3-compatible servers (SeaweedFS, MinIO, moto) via config or
   ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``.
@@ -13,11 +14,14 @@ only this module knows whether a key lives on a local disk or in an S3 bucket. B
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -69,16 +73,56 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+# Bucket names as S3 accepts them (including legacy upper-case and underscore names in us-east-1).
+_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the object (full URI) and the cause."""
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key/prefix`` -> ``("bucket", "key/prefix")``, every byte of the key kept as given.
+
+    S3 URIs are not URLs: ``#``, ``?``, ``%`` and spaces are ordinary key characters, so the URI is split
+    by hand rather than by ``urllib.parse`` (which drops everything from ``#`` on). A trailing ``/`` is
+    dropped (``s3://b/runs/`` and ``s3://b/runs`` name one prefix).
+
+    Raises:
+        ValueError: no bucket, a bucket name S3 would refuse, or an empty path segment (``a//b``), which
+            pyarrow cannot address; the message quotes the URI.
+    """
+    rest = uri.removeprefix("s3://")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"S3 URI {uri!r} has no bucket")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ValueError(f"S3 URI {uri!r}: {bucket!r} is not a valid bucket name")
+    key = key.rstrip("/")
+    if "//" in key or key.startswith("/"):
+        raise ValueError(f"S3 URI {uri!r} has an empty path segment ('//'); S3 keys with one are not supported")
+    if any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"S3 URI {uri!r} has a '.' or '..' segment; write the prefix without it")
+    return bucket, key
+
+
 def resolve_filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
-    """Map a local path, ``file://`` URI or ``s3://`` URI to a pyarrow filesystem and a path in it."""
+    """Map a local path, ``file://`` URI or ``s3://`` URI to a pyarrow filesystem and a path in it.
+
+    The returned path holds every character of the user's path (see :func:`split_s3_uri`); local paths
+    are made absolute only.
+
+    Raises:
+        ValueError: an unsupported scheme or a malformed S3 URI (the message quotes the URI).
+    """
     if is_s3_uri(uri):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
-            raise ValueError(f"S3 URI {uri!r} has no bucket")
-        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
-        return _s3_filesystem(s3 or S3Settings()), path
+        bucket, key = split_s3_uri(uri)
+        return _s3_filesystem(s3 or S3Settings()), f"{bucket}/{key}" if key else bucket
     if uri.startswith("file://"):
-        uri = uri.removeprefix("file://")
+        local = uri.removeprefix("file://")
+        if not local.startswith("/"):
+            raise ValueError(f"file URI {uri!r} names a host; use file:///absolute/path or a plain path")
+        uri = local
     if "://" in uri:
         raise ValueError(f"unsupported storage URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -102,6 +146,7 @@ class Storage:
         self.s3 = s3 or S3Settings()
         self._fs: pafs.FileSystem | None = None
         self._base: str | None = None
+        self._client: Any = None  # boto3 S3 client, built on first use (not picklable)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root_uri": self.root_uri, "s3": self.s3}
@@ -140,45 +185,78 @@ class Storage:
 
     # -- reads ---------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return self.filesystem.get_file_info(self.path(key)).type == pafs.FileType.File
+        return self.info(key) is not None
+
+    def info(self, key: str) -> ObjectInfo | None:
+        """Size of the file at ``key``, or None when there is none (one request)."""
+        with self._naming(key, "stat"):
+            found = self.filesystem.get_file_info(self.path(key))
+        return ObjectInfo(key, found.size or 0) if found.type == pafs.FileType.File else None
 
     def read_bytes(self, key: str) -> bytes:
-        with self.filesystem.open_input_stream(self.path(key)) as stream:
+        with self._naming(key, "read"), self.filesystem.open_input_stream(self.path(key)) as stream:
             return stream.read()
 
     def read_json(self, key: str) -> Any:
-        return json.loads(self.read_bytes(key))
+        data = self.read_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise StorageError(f"{self.uri(key)} is not valid JSON ({len(data)} bytes; truncated?): {exc}") from exc
 
     def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
-        with self.filesystem.open_input_file(self.path(key)) as handle:
+        with self._naming(key, "read Parquet"), self.filesystem.open_input_file(self.path(key)) as handle:
             return pq.read_table(handle, columns=columns)
+
+    @contextlib.contextmanager
+    def _naming(self, key: str, action: str) -> Iterator[None]:
+        """Re-raise storage and decoding failures as :class:`StorageError` naming the object's URI.
+
+        pyarrow's own messages name a buffer (``'<Buffer>'``) or only the bucket-relative path, which
+        leaves a user with no file to look at.
+        """
+        try:
+            yield
+        except StorageError:
+            raise
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.uri(key)} does not exist") from exc
+        except (OSError, pa.ArrowException) as exc:
+            raise StorageError(f"could not {action} {self.uri(key)}: {exc}") from exc
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """All files under ``prefix`` (recursive), as keys relative to the root, sorted."""
         selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         base = self.base_path.rstrip("/") + "/"
-        found = [
-            ObjectInfo(info.path.removeprefix(base), info.size or 0)
-            for info in self.filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.File
-        ]
+        with self._naming(prefix, "list"):
+            infos = self.filesystem.get_file_info(selector)
+        found = [ObjectInfo(info.path.removeprefix(base), info.size or 0) for info in infos if info.is_file]
         return sorted((obj for obj in found if not obj.key.startswith(TMP_PREFIX + "/")), key=lambda o: o.key)
 
     # -- writes --------------------------------------------------------------------------------
     def write_bytes_atomic(self, key: str, data: bytes | memoryview) -> str:
-        """Write ``data`` to a temporary key, then move it to ``key``. Returns its sha256."""
+        """Write ``data`` to a temporary key, then move it to ``key``. Returns its sha256.
+
+        On S3 the move is a server-side copy and a plain ``DeleteObject`` of the temporary key: pyarrow's
+        own move (and delete) leaves a 0-byte directory marker for every folder it empties, which made
+        every write leave marker objects under ``_tmp/``.
+        """
         tmp_dir = f"{TMP_PREFIX}/{uuid.uuid4().hex}"
         tmp_key = f"{tmp_dir}/{key}"
         fs = self.filesystem
         final_path, tmp_path = self.path(key), self.path(tmp_key)
-        if not self.is_s3:
-            fs.create_dir(os.path.dirname(tmp_path), recursive=True)
-            fs.create_dir(os.path.dirname(final_path), recursive=True)
-        with fs.open_output_stream(tmp_path) as out:
-            out.write(data)
-        fs.move(tmp_path, final_path)
-        if not self.is_s3:
-            fs.delete_dir(self.path(tmp_dir))
+        with self._naming(key, "write"):
+            if not self.is_s3:
+                fs.create_dir(os.path.dirname(tmp_path), recursive=True)
+                fs.create_dir(os.path.dirname(final_path), recursive=True)
+            with fs.open_output_stream(tmp_path) as out:
+                out.write(data)
+            if self.is_s3:
+                fs.copy_file(tmp_path, final_path)
+                self._delete_s3_objects([tmp_path])
+            else:
+                fs.move(tmp_path, final_path)
+                fs.delete_dir(self.path(tmp_dir))
         return sha256_hex(data)
 
     def write_json_atomic(self, key: str, payload: Any) -> str:
@@ -200,15 +278,62 @@ class Storage:
 
     def delete(self, key: str) -> None:
         if self.exists(key):
-            self.filesystem.delete_file(self.path(key))
+            with self._naming(key, "delete"):
+                self.filesystem.delete_file(self.path(key))
 
     def cleanup_tmp(self) -> int:
-        """Remove leftovers of interrupted writes. Returns how many temporary objects went."""
-        selector = pafs.FileSelector(self.path(TMP_PREFIX), recursive=True, allow_not_found=True)
-        leftovers = [i.path for i in self.filesystem.get_file_info(selector) if i.type == pafs.FileType.File]
-        for path in leftovers:
-            self.filesystem.delete_file(path)
-        return len(leftovers)
+        """Remove leftovers of interrupted writes, S3 directory markers included.
+
+        Only safe while no writer is active on this root. Returns how many temporary files went.
+        """
+        tmp = self.path(TMP_PREFIX)
+        with self._naming(TMP_PREFIX, "clean up"):
+            if self.is_s3:
+                return self._cleanup_s3_prefix(tmp + "/")
+            infos = self.filesystem.get_file_info(pafs.FileSelector(tmp, recursive=True, allow_not_found=True))
+            if infos:
+                self.filesystem.delete_dir(tmp)
+        return sum(1 for info in infos if info.is_file)
+
+    # -- S3 through boto3, where pyarrow would leave directory markers ---------------------------
+    def _s3_client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            settings = self.s3
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=settings.resolved_endpoint(),
+                region_name=settings.resolved_region(),
+                config=Config(
+                    retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                    connect_timeout=settings.connect_timeout_s,
+                    read_timeout=settings.request_timeout_s,
+                ),
+            )
+        return self._client
+
+    def _delete_s3_objects(self, paths: list[str]) -> None:
+        """Delete ``bucket/key`` paths (markers ``bucket/key/`` too) without creating parent markers."""
+        by_bucket: dict[str, list[str]] = {}
+        for path in paths:
+            bucket, _, key = path.partition("/")
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                chunk = [{"Key": key} for key in keys[start : start + 1000]]
+                reply = self._s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+                if reply.get("Errors"):
+                    first = reply["Errors"][0]
+                    raise StorageError(f"could not delete s3://{bucket}/{first['Key']}: {first.get('Message')}")
+
+    def _cleanup_s3_prefix(self, prefix_path: str) -> int:
+        bucket, _, prefix = prefix_path.partition("/")
+        pages = self._s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        self._delete_s3_objects([f"{bucket}/{key}" for key in keys])
+        return sum(1 for key in keys if not key.endswith("/"))
 
     # -- other readers -------------------------------------------------------------------------
     def polars_storage_options(self) -> dict[str, str] | None:
