@@ -91,7 +91,9 @@ def _row(scene: Scene) -> dict:
         "image_id": scene.image_id,
         "split": scene.split,
         "source_type": "natural" if scene.global_caption else "document",
-        "source": scene.source,
+        "url": f"file:///{scene.image_id}.jpg",
+        "final_url": None,
+        "source_list": scene.source,
         "image_bytes": _jpeg(scene),
         "image_ref": None,
         "exif_orientation": scene.orientation,
@@ -186,9 +188,9 @@ def test_sample_arrays_have_the_training_shapes_and_types(tokenizer_path):
     assert sample["pixel_values"].shape == (3, SIZE, SIZE) and sample["pixel_values"].dtype == np.float32
     assert sample["pixel_values"].min() >= -1.0 and sample["pixel_values"].max() <= 1.0
     assert sample["gt_map"].shape == (SIZE, SIZE) and sample["gt_map"].dtype == np.uint8
-    assert sample["input_ids"].shape == sample["attention_mask"].shape == (CONTEXT,)
-    assert sample["input_ids"].dtype == sample["attention_mask"].dtype == np.int64
-    assert sample["attention_mask"].sum() > 0
+    assert sample["input_ids"].shape == (CONTEXT,) and sample["input_ids"].dtype == np.int64
+    # always the full context, padded or truncated: the text tower pools the last position, with no mask
+    assert "attention_mask" not in sample
     assert (sample["image_id"], sample["source"]) == ("red", "src-a")
 
 

@@ -30,9 +30,9 @@ def _images(seed: int = 1) -> torch.Tensor:
     return torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def _text(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _text(seed: int = 2) -> tuple[torch.Tensor]:
     ids = torch.randint(3, 512, (BATCH, 16), generator=torch.Generator().manual_seed(seed))
-    return ids, torch.ones_like(ids)
+    return (ids,)
 
 
 def _box_maps(x0: int, y0: int, x1: int, y1: int) -> torch.Tensor:
@@ -153,6 +153,41 @@ def test_every_scale_uses_the_first_scale_map(vision):
     assert float(coarse.detach().min()) > 0 and float(coarse.detach().max()) < 1
 
 
+# ---- text tower ----------------------------------------------------------------------------------
+
+
+def test_text_tower_equals_siglip_text_model_called_without_a_mask(model):
+    """The reference runs SigLIP's text tower on max-length padded ids with no mask, pooling the last
+    position; ``encode_text`` must give exactly what ``SiglipTextModel`` gives when called that way."""
+    from transformers import SiglipTextModel
+
+    siglip_text = SiglipTextModel(model.text.config).eval()
+    siglip_text.load_state_dict(model.text.state_dict())
+    ids = torch.full((BATCH, 32), model.text.config.pad_token_id)
+    lengths = [5, 12, 32]
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, 512, (length,), generator=torch.Generator().manual_seed(row))
+    padding_mask = torch.arange(32) < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        ours = model.encode_text(ids)
+        theirs = siglip_text(input_ids=ids).pooler_output
+        masked = siglip_text(input_ids=ids, attention_mask=padding_mask).pooler_output
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # a padding mask would change the embedding of every padded caption (not the full-length one)
+    cosine = F.cosine_similarity(masked, theirs, dim=-1)
+    assert float(cosine[0]) < 0.99 and float(cosine[1]) < 0.99
+    torch.testing.assert_close(masked[2], theirs[2])
+
+
+def test_the_training_forward_uses_the_unmasked_text_embedding(model):
+    ids = torch.full((BATCH, 32), model.text.config.pad_token_id)
+    ids[:, :6] = _text()[0][:, :6]
+    with torch.no_grad():
+        outputs = model(images=_images(), input_ids=ids)
+        expected = F.normalize(model.encode_text(ids), dim=-1)
+    torch.testing.assert_close(outputs["text_embeds"], expected)
+
+
 # ---- low-res KV cache ----------------------------------------------------------------------------
 
 
@@ -262,11 +297,10 @@ def _toy_loss(outputs: dict) -> torch.Tensor:
 
 
 def _train_batch() -> dict:
-    ids, mask = _text()
+    (ids,) = _text()
     return {
         "images": _images(),
         "input_ids": ids,
-        "attention_mask": mask,
         "gt_maps": _box_maps(20, 30, 150, 120),
         "is_global": torch.tensor([False, True, False]),
     }

@@ -110,7 +110,7 @@ def _fixed_batch(corpus, recipe, size: int = 4) -> dict:
     )
     samples = list(iter_samples(str(corpus), "train", transform, limit=size))
     assert len(samples) == size
-    keys = ("pixel_values", "gt_map", "input_ids", "attention_mask", "is_global")
+    keys = ("pixel_values", "gt_map", "input_ids", "is_global")
     return {k: torch.from_numpy(np.stack([np.asarray(s[k]) for s in samples])) for k in keys}
 
 

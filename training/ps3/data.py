@@ -193,8 +193,9 @@ def decode_oriented(data: bytes) -> Image.Image:
 class CorpusSampleTransform:
     """Corpus row -> training sample (numpy arrays). Picklable; the tokenizer loads once per process.
 
-    Output: ``pixel_values`` [3, S, S] float32 (normalised), ``gt_map`` [S, S] uint8, ``input_ids`` and
-    ``attention_mask`` [L] int64, ``is_global`` bool, ``image_id`` and ``source`` str.
+    Output: ``pixel_values`` [3, S, S] float32 (normalised), ``gt_map`` [S, S] uint8, ``input_ids`` [L] int64
+    padded to the context length (no attention mask: the SigLIP text tower reads the pads, see
+    ``PS3CLIP.encode_text``), ``is_global`` bool, ``image_id`` and ``source`` str.
     """
 
     image_size: int
@@ -250,10 +251,9 @@ class CorpusSampleTransform:
             "pixel_values": self._normalise(resized),
             "gt_map": rasterise_box_xyxy(out_box, size),
             "input_ids": tokens["input_ids"][0].astype(np.int64),
-            "attention_mask": tokens["attention_mask"][0].astype(np.int64),
             "is_global": box is None,
             "image_id": str(row["image_id"]),
-            "source": str(row["source"]),
+            "source": str(row["source_list"]),
         }
 
     def samples(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -324,7 +324,7 @@ class SourceUpsampler:
     epoch: int | None
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        whole, fraction = divmod(self.weights.get(row["source"], 1.0), 1.0)
+        whole, fraction = divmod(self.weights.get(row["source_list"], 1.0), 1.0)
         rng = sample_rng(self.seed, self.epoch, row["image_id"], stream=1)
         copies = int(whole) + int(rng.random() < fraction)
         return [{**row, "copy_index": index} for index in range(copies)]
@@ -454,7 +454,9 @@ def _check_shard(storage: Storage, shard: dict[str, Any], check: CorpusCheck) ->
         return
     metadata = pq.read_metadata(storage.path(key), filesystem=storage.filesystem)
     schema = metadata.schema.to_arrow_schema()
-    if not schema.remove_metadata().equals(CORPUS_SCHEMA.remove_metadata()):
+    # The input list's extra columns follow CORPUS_SCHEMA's (pipeline/provenance.py); only the base is checked.
+    base = list(schema)[: len(CORPUS_SCHEMA)]
+    if len(base) != len(CORPUS_SCHEMA) or not all(f.equals(e) for f, e in zip(base, CORPUS_SCHEMA, strict=False)):
         check.problems.append(f"shard {key} does not have CORPUS_SCHEMA: {_schema_diff(schema)}")
     if metadata.num_rows != shard.get("rows"):
         check.problems.append(f"shard {key} has {metadata.num_rows} rows, the manifest says {shard.get('rows')}")

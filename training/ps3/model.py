@@ -68,15 +68,21 @@ class PS3CLIP(nn.Module):
         else:
             self.text.activation_checkpointing_disable()
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """SigLIP text embedding ``[B, D]`` (last token through the text head), not normalised."""
-        return self.text(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    def encode_text(self, input_ids: Tensor) -> Tensor:
+        """SigLIP text embedding ``[B, D]`` of ``input_ids`` ``[B, L]``, not normalised.
+
+        No attention mask, on purpose: SigLIP's text tower was trained on ids padded to the context length
+        with the pads visible and pools the last position (the reference's ``TextTransformer`` with
+        ``no_causal_mask`` and ``pool_type="last"``). A padding mask would change the pretrained embedding
+        from step 0, and that embedding is both the contrastive target and the top-down selection prompt.
+        Callers must therefore pad to the full context length, as ``CorpusSampleTransform`` does.
+        """
+        return self.text(input_ids=input_ids).pooler_output
 
     def forward(
         self,
         images: Tensor,
         input_ids: Tensor,
-        attention_mask: Tensor | None = None,
         gt_maps: Tensor | None = None,
         is_global: Tensor | None = None,
     ) -> dict[str, Any]:
@@ -86,7 +92,7 @@ class PS3CLIP(nn.Module):
         (exponentiated), ``logit_bias``, ``topdown_probs`` / ``bottomup_probs`` / ``gt_targets`` (lists per
         high-res scale) and ``is_global``.
         """
-        text_embeds = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        text_embeds = F.normalize(self.encode_text(input_ids), dim=-1)
         vision = self.vision(images, prompt_embeds=text_embeds, gt_maps=gt_maps, is_global=is_global)
         # fp32 embeddings whatever the autocast dtype, so the loss may run outside autocast
         return {

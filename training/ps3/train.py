@@ -132,7 +132,6 @@ def train_step(state: TrainState, batch: dict[str, Any], device: Any) -> dict[st
         outputs = state.model(
             images=batch["pixel_values"].to(device),
             input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
             gt_maps=batch["gt_map"].to(device).float(),
             is_global=batch["is_global"].to(device).bool(),
         )
