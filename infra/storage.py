@@ -128,6 +128,21 @@ def resolve_filesystem(uri: str, s3: S3Settings | None = None) -> tuple[pafs.Fil
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def parquet_bytes(table: pa.Table) -> memoryview:
+    """``table`` as one Parquet file in memory.
+
+    Columns are zstd-compressed except binary ones (image bytes, JPEG crops): those are already
+    compressed, and zstd would cost CPU (about 3 ms per 4K JPEG) for nothing.
+    """
+    compression = {
+        field.name: "none" if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type) else "zstd"
+        for field in table.schema
+    }
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression or "zstd", row_group_size=64)
+    return memoryview(sink.getvalue())
+
+
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -263,18 +278,8 @@ class Storage:
         return self.write_bytes_atomic(key, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
     def write_parquet_atomic(self, key: str, table: pa.Table) -> str:
-        """Serialise ``table`` as Parquet and commit it atomically. Returns its sha256.
-
-        Columns are zstd-compressed except binary ones (image bytes, JPEG crops): those are already
-        compressed, and zstd would cost CPU (about 3 ms per 4K JPEG) for nothing.
-        """
-        compression = {
-            field.name: "none" if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type) else "zstd"
-            for field in table.schema
-        }
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=compression or "zstd", row_group_size=64)
-        return self.write_bytes_atomic(key, memoryview(sink.getvalue()))
+        """Serialise ``table`` as Parquet (:func:`parquet_bytes`) and commit it atomically. Returns its sha256."""
+        return self.write_bytes_atomic(key, parquet_bytes(table))
 
     def delete(self, key: str) -> None:
         if self.exists(key):

@@ -9,8 +9,10 @@ crawl/_input/<shard>.parquet      planned crawl items of one shard
 crawl/_dedup/dropped.parquet      cross-shard duplicates (error rows, category "filtered")
 summary.json                      per-stage counts, errors by reason, wall time, throughput
 ```
-A shard is complete when its manifest exists and the files it names exist with the recorded sizes;
-it is fresh when the manifest's input checksum and config fingerprint equal the current ones.
+A shard is complete when its manifest exists and the files it names exist with the recorded sizes
+(checked on every rerun; ``status --check`` also compares checksums); it is fresh when the
+manifest's input checksum and config fingerprint equal the current ones. A shard whose files differ
+from its manifest, or whose manifest is unreadable, is recomputed.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import pyarrow as pa
+from pydantic import ValidationError
 
-from ps3_engine.infra.storage import Storage
+from ps3_engine.infra.storage import Storage, parquet_bytes
 from ps3_engine.schemas import ERROR_SCHEMA, ManifestEntry
+from ps3_engine.schemas.error import redact_error_table
 from ps3_engine.schemas.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
-ShardState = Literal["done", "stale", "missing"]
+ShardState = Literal["done", "stale", "missing", "damaged"]
 
 
 @dataclass(frozen=True)
@@ -80,22 +84,58 @@ class RunLayout:
 
     # -- manifests -----------------------------------------------------------------------------
     def read_manifest(self, stage: str, shard_id: str) -> ManifestEntry | None:
+        """The shard's completion record; None when it is absent or damaged (then the shard is not done)."""
         key = self.manifest_key(stage, shard_id)
         if not self.storage.exists(key):
             return None
-        return ManifestEntry.model_validate(self.storage.read_json(key))
+        return self._parse_manifest(key, self.storage.read_bytes(key))
 
     def manifests(self, stage: str) -> dict[str, ManifestEntry]:
+        """All readable completion records of ``stage`` by shard id (damaged ones are logged and left out)."""
         prefix = f"{stage}/_manifest/"
         entries = {}
         for obj in self.storage.list(prefix):
-            entry = ManifestEntry.model_validate_json(self.storage.read_bytes(obj.key))
-            entries[entry.shard_id] = entry
+            entry = self._parse_manifest(obj.key, self.storage.read_bytes(obj.key))
+            if entry is not None:
+                entries[entry.shard_id] = entry
         return entries
 
+    def _parse_manifest(self, key: str, data: bytes) -> ManifestEntry | None:
+        try:
+            return ManifestEntry.model_validate_json(data)
+        except ValidationError as exc:
+            # A manifest is written last and atomically, so a broken one means damage after the fact (a
+            # truncated copy, a hand edit): its shard is recomputed rather than the whole run blocked.
+            problem = exc.errors()[0]["msg"]
+            logger.warning(
+                "%s is damaged (%d bytes: %s): its shard counts as not done", self.storage.uri(key), len(data), problem
+            )
+            return None
+
+    def damage(self, entry: ManifestEntry) -> tuple[ShardState, str] | None:
+        """``("missing" | "damaged", why)`` when a committed shard's files do not match its manifest, else None.
+
+        The cheap check of every rerun and ``status``: each file exists with the size the manifest
+        recorded (one metadata request per file). Full checksums are ``status --check``'s job
+        (:mod:`ps3_engine.pipeline.verify`).
+        """
+        for key, recorded in ((entry.output_key, entry.output_bytes), (entry.errors_key, entry.errors_bytes)):
+            found = self.storage.info(key)
+            if found is None:
+                return "missing", f"{self.storage.uri(key)} is missing"
+            if recorded is not None and found.size != recorded:
+                return "damaged", f"{self.storage.uri(key)} is {found.size} bytes but its manifest recorded {recorded}"
+        return None
+
     def shard_state(self, task: ShardTask, fingerprint: str, entry: ManifestEntry | None) -> ShardState:
-        if entry is None or not self.storage.exists(entry.output_key) or not self.storage.exists(entry.errors_key):
+        """``done``, ``stale`` (input or config changed), ``missing`` or ``damaged`` (files unlike the manifest)."""
+        if entry is None:
             return "missing"
+        problem = self.damage(entry)
+        if problem is not None:
+            state, why = problem
+            logger.warning("%s shard %s is %s: %s; it will be recomputed", task.stage, task.shard_id, state, why)
+            return state
         if entry.input_checksum != task.input_checksum or entry.config_fingerprint != fingerprint:
             return "stale"
         return "done"
@@ -110,11 +150,17 @@ class RunLayout:
         attempt: int,
         wall_seconds: float,
     ) -> ManifestEntry:
-        """Write output and errors (each atomically), then the manifest entry that makes them count."""
+        """Write output and errors (each atomically), then the manifest entry that makes them count.
+
+        Error messages and references are stripped of secrets here (:func:`redact_error_table`), the one
+        place every stage's error rows pass through on their way to storage.
+        """
         output_key = self.output_key(task.stage, task.shard_id)
         errors_key = self.errors_key(task.stage, task.shard_id)
-        output_checksum = self.storage.write_parquet_atomic(output_key, output)
-        errors_checksum = self.storage.write_parquet_atomic(errors_key, errors)
+        output_data = parquet_bytes(output)
+        errors_data = parquet_bytes(redact_error_table(errors))
+        output_checksum = self.storage.write_bytes_atomic(output_key, output_data)
+        errors_checksum = self.storage.write_bytes_atomic(errors_key, errors_data)
         entry = ManifestEntry(
             stage=task.stage,
             shard_id=task.shard_id,
@@ -124,9 +170,11 @@ class RunLayout:
             output_key=output_key,
             output_rows=output.num_rows,
             output_checksum=output_checksum,
+            output_bytes=len(output_data),
             errors_key=errors_key,
             error_rows=errors.num_rows,
             errors_checksum=errors_checksum,
+            errors_bytes=len(errors_data),
             attempt=attempt,
             schema_version=MANIFEST_SCHEMA_VERSION,
             created_at=datetime.now(UTC),

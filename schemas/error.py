@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -47,3 +50,82 @@ ERROR_SCHEMA = pa.schema(
     ],
     metadata={"record_kind": "error", "schema_version": str(SCHEMA_VERSION)},
 )
+
+
+# -- secrets never reach a stored error row ----------------------------------------------------------
+# Error messages quote what a service said, and services echo credentials back (an OpenAI-compatible
+# server repeating the Authorization header in a 401 body, an HTTP library printing a URL with its
+# userinfo, a presigned URL's signature). Every error table a stage commits passes through
+# :func:`redact_error_table`, so no stage has to remember to do it.
+
+REDACTED = "[REDACTED]"
+# Environment variables whose values are secrets: the name says so (OPENAI_API_KEY, HF_TOKEN,
+# AWS_SECRET_ACCESS_KEY, DB_PASSWORD, LLM_CREDENTIALS, ...). The caption backends read their keys from
+# such variables (caption.openai.api_key_env), so the worker that might leak a key also knows it.
+_SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CRED|AUTH", re.IGNORECASE)
+# Shorter values are too likely to be ordinary words or numbers elsewhere in a message.
+MIN_SECRET_CHARS = 8
+_SECRET_PATTERNS = (
+    # Authorization header values: "Bearer sk-...", "Basic dXNlcjpwYXNz".
+    (re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE), rf"\1 {REDACTED}"),
+    # URL userinfo: scheme://user:password@host or scheme://token@host.
+    (re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE), rf"\1{REDACTED}@"),
+    # Credentials in query strings (API keys, tokens, S3 presigned signatures).
+    (
+        re.compile(
+            r"([?&](?:api[_-]?key|key|access[_-]?token|token|secret|password|sig|signature|"
+            r"x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s\"'<>]+",
+            re.IGNORECASE,
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # Key-value fields in echoed JSON or headers: "api_key": "...", authorization: ..., password=...
+    (
+        re.compile(
+            r"([\"']?\b(?:api[_-]?key|x-api-key|authorization|password|secret|access[_-]?token)[\"']?\s*[:=]\s*[\"']?)"
+            r"(?!Bearer\b|Basic\b|Token\b|\[REDACTED\])[^\s\"',}]+",
+            re.IGNORECASE,
+        ),
+        rf"\1{REDACTED}",
+    ),
+    # Well-known key shapes even when no variable holds them here: OpenAI/Anthropic-style "sk-...",
+    # Hugging Face "hf_...", AWS access key ids.
+    (re.compile(r"\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16})\b"), REDACTED),
+)
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the environment's secret-named variables, longest first (so no prefix wins)."""
+    environ = os.environ if environ is None else environ
+    values = {v for k, v in environ.items() if _SECRET_ENV_NAME.search(k) and len(v) >= MIN_SECRET_CHARS}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_secrets(text: str, secrets: Sequence[str] | None = None) -> str:
+    """``text`` with secret env values, auth header values, URL userinfo and credential fields replaced.
+
+    Args:
+        text: an error message or reference about to be stored or logged.
+        secrets: exact values to remove; default :func:`secret_values` of this process's environment.
+    """
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, REDACTED)
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+REDACTED_COLUMNS = ("message", "input_ref")
+
+
+def redact_error_table(errors: pa.Table) -> pa.Table:
+    """``errors`` (``ERROR_SCHEMA``) with :func:`redact_secrets` applied to its free-text columns."""
+    if errors.num_rows == 0:
+        return errors
+    secrets = secret_values()
+    for name in REDACTED_COLUMNS:
+        index = errors.schema.get_field_index(name)
+        field = errors.schema.field(index)
+        cleaned = [None if v is None else redact_secrets(v, secrets) for v in errors.column(index).to_pylist()]
+        errors = errors.set_column(index, field, pa.array(cleaned, field.type))
+    return errors

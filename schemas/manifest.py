@@ -28,6 +28,10 @@ class ManifestEntry(BaseModel):
     errors_key: str
     error_rows: int
     errors_checksum: str
+    # Sizes in bytes of the two files, checked on every rerun (None in manifests written before they were
+    # recorded: those shards are checked for existence only).
+    output_bytes: int | None = None
+    errors_bytes: int | None = None
     attempt: int
     schema_version: int
     created_at: datetime
@@ -47,6 +51,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("errors_key", pa.string(), nullable=False),
         pa.field("error_rows", pa.int64(), nullable=False),
         pa.field("errors_checksum", pa.string(), nullable=False),
+        pa.field("output_bytes", pa.int64()),
+        pa.field("errors_bytes", pa.int64()),
         pa.field("attempt", pa.int32(), nullable=False),
         pa.field("schema_version", pa.int32(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
