@@ -20,7 +20,6 @@ Ray Data path::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import logging
@@ -39,6 +38,7 @@ from ps3_engine.pipeline.corpus import MANIFEST_KEY
 from ps3_engine.schemas.corpus import CORPUS_SCHEMA, SCHEMA_VERSION
 from ps3_engine.stages.captioning.hygiene import strip_boilerplate
 from ps3_engine.stages.geometry import BoxXYXY
+from ps3_engine.training.ps3.tokenizer import load_text_tokenizer
 
 if TYPE_CHECKING:
     import ray.data
@@ -176,13 +176,6 @@ def rasterise_box_xyxy(box: tuple[float, float, float, float], size: int) -> np.
 
 
 # -- the transform ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def decode_oriented(data: bytes) -> Image.Image:
     """Decode to RGB in the EXIF-oriented frame (the frame the corpus boxes are in)."""
     with Image.open(io.BytesIO(data)) as img:
@@ -244,7 +237,7 @@ class CorpusSampleTransform:
             Image.Resampling.BICUBIC,
             box=(crop.left, crop.top, crop.left + crop.width, crop.top + crop.height),
         )
-        tokens = _load_tokenizer(self.tokenizer_path)(
+        tokens = load_text_tokenizer(self.tokenizer_path, self.s3)(
             caption, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="np"
         )
         return {

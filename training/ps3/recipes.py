@@ -57,6 +57,18 @@ class PS3Recipe(BaseModel):
     def image_size(self) -> int:
         return max(self.model.scales)
 
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer folder: ``tokenizer``, else the pretrained SigLIP folder (which holds ``spiece.model``).
+
+        Raises:
+            ValueError: neither is set (random-weight towers need an explicit tokenizer).
+        """
+        path = self.tokenizer or self.model.pretrained
+        if path is None:
+            raise ValueError("the recipe names no tokenizer and the model has no pretrained folder to take one from")
+        return path
+
 
 def _debug() -> PS3Recipe:
     return PS3Recipe(

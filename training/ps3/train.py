@@ -229,6 +229,7 @@ def launch(
 ) -> LaunchResult:
     """Check the corpus, then train on a Ray cluster (joins RAY_ADDRESS or starts a local one)."""
     from ps3_engine.training.ps3.data import CorpusSampleTransform, check_corpus, training_dataset
+    from ps3_engine.training.ps3.tokenizer import load_text_tokenizer
 
     check = check_corpus(corpus, s3)
     if not check.ok:
@@ -241,13 +242,12 @@ def launch(
 
     from ps3_engine.pipeline.executor import ensure_ray
 
+    # Load the tokenizer here first: a folder this install cannot open fails before any worker starts.
+    load_text_tokenizer(recipe.tokenizer_path, s3)
     ensure_ray(None)
-    tokenizer_path = recipe.tokenizer or recipe.model.pretrained
-    if tokenizer_path is None:
-        raise ValueError("the recipe names no tokenizer and the model has no pretrained path to take one from")
     transform = CorpusSampleTransform(
         image_size=recipe.image_size,
-        tokenizer_path=tokenizer_path,
+        tokenizer_path=recipe.tokenizer_path,
         context_length=recipe.context_length,
         global_caption_prob=recipe.global_caption_prob,
         seed=recipe.seed,
