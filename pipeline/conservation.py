@@ -4,7 +4,8 @@ Per stage and shard, the items a stage was given are recomputed from its committ
 must appear in the stage's output or in its errors table, and nothing may appear twice:
 
 * crawl: planned items -> image rows + error rows (by ``item_id``);
-* segment: kept images (crawl rows minus dedup drops) -> images with regions + error rows;
+* segment: kept images (crawl rows minus dedup drops, or minus repeated images when no dedup ran)
+  -> images with regions + error rows, each image once;
 * caption: regions (and one global request per image) -> caption rows + error rows; an image whose
   decode failed covers all its requests with one error row;
 * corpus: images with regions -> corpus rows + error rows; the packed dataset holds each corpus row once.
@@ -50,7 +51,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
     gaps: list[Gap] = []
     crawl = layout.manifests("crawl")
     planned = sorted(o.key.rsplit("/", 1)[-1].removesuffix(".parquet") for o in layout.storage.list("crawl/_input/"))
-    dropped = layout.dropped_item_ids()
+    excluded = layout.excluded_items()  # dedup drops, or repeats of an image when no dedup ran
     kept_images: dict[str, set[str]] = {}
     for shard in planned:
         entry = crawl.get(shard)
@@ -61,7 +62,8 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         images = layout.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist()
         errors = _column(layout, entry.errors_key, "item_id")
         _compare("crawl", shard, expected, [r["item_id"] for r in images] + errors, gaps)
-        kept_images[shard] = {r["image_id"] for r in images if r["item_id"] not in dropped}
+        skipped = set(excluded.get(shard, ()))
+        kept_images[shard] = {r["image_id"] for r in images if r["item_id"] not in skipped}
 
     segment = layout.manifests("segment")
     images_with_regions: dict[str, set[str]] = {}

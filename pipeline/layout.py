@@ -201,6 +201,27 @@ class RunLayout:
             return ERROR_SCHEMA.empty_table()
         return pa.concat_tables([t.cast(ERROR_SCHEMA) for t in tables])
 
+    def excluded_items(self) -> dict[str, list[str]]:
+        """Crawl rows that later stages skip, by crawl shard id (item ids in row order).
+
+        The dedup's drops when it ran. Without it (``crawl.dedup=false``), every row whose image id an
+        earlier row (shard, then row order) already holds: the same bytes fetched twice are one image,
+        and an image must enter segment once, or it is captioned and packed once per copy.
+        """
+        excluded: dict[str, list[str]] = {}
+        if self.storage.exists(self.DEDUP_KEY):
+            for row in self.storage.read_parquet(self.DEDUP_KEY, columns=["shard_id", "item_id"]).to_pylist():
+                excluded.setdefault(row["shard_id"], []).append(row["item_id"])
+            return excluded
+        seen: set[str] = set()
+        for shard_id, entry in sorted(self.manifests("crawl").items()):
+            for row in self.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist():
+                item_id, image_id = row["item_id"], row["image_id"]
+                if image_id in seen:
+                    excluded.setdefault(shard_id, []).append(item_id)
+                seen.add(image_id)
+        return excluded
+
     def dropped_item_ids(self) -> set[str]:
         if not self.storage.exists(self.DEDUP_KEY):
             return set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -120,11 +120,8 @@ def pending_tasks(layout: RunLayout, tasks: list[ShardTask], fingerprint: str) -
 
 
 def plan_segment(layout: RunLayout) -> list[ShardTask]:
-    """One segment shard per committed crawl shard, minus the images the dedup dropped."""
-    dropped_by_shard: dict[str, list[str]] = defaultdict(list)
-    if layout.storage.exists(layout.DEDUP_KEY):
-        for row in layout.storage.read_parquet(layout.DEDUP_KEY, columns=["shard_id", "item_id"]).to_pylist():
-            dropped_by_shard[row["shard_id"]].append(row["item_id"])
+    """One segment shard per committed crawl shard, minus the rows the dedup dropped (or repeated images)."""
+    dropped_by_shard = layout.excluded_items()
     tasks = []
     for shard_id, entry in sorted(layout.manifests("crawl").items()):
         excluded = tuple(sorted(dropped_by_shard.get(shard_id, [])))

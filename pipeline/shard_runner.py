@@ -6,6 +6,7 @@ import logging
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -14,9 +15,15 @@ from pydantic import BaseModel
 
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.schemas import ERROR_SCHEMA, conform_table
+from ps3_engine.schemas.error import redact_secrets
 from ps3_engine.stages.base import ShardContext, Stage
+from ps3_engine.stages.joins import first_row_per_image
 
 logger = logging.getLogger(__name__)
+
+# Called after every batch with (phase, input rows, output rows, error rows); phase is "input" (the shard's
+# input is loaded), "prepare" (CPU phase) or "process". It feeds the console's item progress while a shard runs.
+BatchCallback = Callable[[str, int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class ShardReport:
 
 
 def process_table(
-    stage: Stage, table: pa.Table, context: ShardContext, phase: str = "process"
+    stage: Stage, table: pa.Table, context: ShardContext, phase: str = "process", on_batch: BatchCallback | None = None
 ) -> tuple[pa.Table, pa.Table, float]:
     """Feed ``table`` through the stage's ``phase`` in batches; returns (output, errors, seconds inside it)."""
     batch_size = stage.resources.batch_size
@@ -63,6 +70,8 @@ def process_table(
         busy_s += time.perf_counter() - began
         outputs.append(conform_table(result.output, schema))
         errors.append(conform_table(result.errors, ERROR_SCHEMA))
+        if on_batch is not None:
+            on_batch(phase, batch.num_rows, result.output.num_rows, result.errors.num_rows)
     output = pa.concat_tables(outputs) if outputs else schema.empty_table()
     error_table = pa.concat_tables(errors) if errors else ERROR_SCHEMA.empty_table()
     return output, error_table, busy_s
@@ -106,26 +115,39 @@ def load_input(stage: Stage, layout: RunLayout, task: ShardTask) -> pa.Table:
     if task.exclude_item_ids:
         keep = pc.invert(pc.is_in(table.column("item_id"), pa.array(list(task.exclude_item_ids), pa.string())))
         table = table.filter(keep)
+    if "image_id" in table.column_names:
+        # An image enters a stage once, however many crawl rows hold its bytes (rows the planner did not
+        # exclude: a repeat inside one shard); the stages' output and error rows are keyed by image id.
+        unique = first_row_per_image(table)
+        if unique.num_rows < table.num_rows:
+            repeats = table.num_rows - unique.num_rows
+            logger.info("%s/%s: %d repeated image rows enter once", task.stage, task.shard_id, repeats)
+        table = unique
     return table
 
 
-def prepare_shard(stage: Stage, layout: RunLayout, task: ShardTask, attempt: int = 1) -> PreparedShard:
+def prepare_shard(
+    stage: Stage, layout: RunLayout, task: ShardTask, attempt: int = 1, on_batch: BatchCallback | None = None
+) -> PreparedShard:
     table = load_input(stage, layout, task)
+    if on_batch is not None:
+        on_batch("input", table.num_rows, 0, 0)
     if stage.prepared_schema is None:
         return PreparedShard(table, ERROR_SCHEMA.empty_table(), table.num_rows)
     context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
-    prepared, errors, prepare_s = process_table(stage, table, context, phase="prepare")
+    prepared, errors, prepare_s = process_table(stage, table, context, phase="prepare", on_batch=on_batch)
     return PreparedShard(prepared, errors, table.num_rows, prepare_s)
 
 
 def failed_report(task: ShardTask, exc: BaseException, wall_s: float) -> ShardReport:
-    logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, exc)
+    # The message is logged and stored in summary.json: no secret a service echoed may go with it.
+    logger.error("shard %s/%s failed: %s", task.stage, task.shard_id, redact_secrets(str(exc)))
     return ShardReport(
         task.stage,
         task.shard_id,
         "failed",
         wall_s=wall_s,
-        message=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}",
+        message=redact_secrets(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"),
     )
 
 
@@ -136,20 +158,22 @@ def run_shard(
     fingerprint: str,
     attempt: int = 1,
     prepared: PreparedShard | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> ShardReport:
     """Compute and commit one shard. A bug or infrastructure failure yields a ``failed`` report.
 
-    ``prepared`` is the shard after the stage's CPU phase when an earlier worker already ran it.
+    ``prepared`` is the shard after the stage's CPU phase when an earlier worker already ran it;
+    ``on_batch`` hears about every batch (item progress).
     """
     began = time.perf_counter()
     try:
         if task.mode == "retry_transient":
             table = load_input(stage, layout, task)
-            return _retry_transient(stage, layout, task, fingerprint, table, began)
+            return _retry_transient(stage, layout, task, fingerprint, table, began, on_batch)
         if prepared is None:
-            prepared = prepare_shard(stage, layout, task, attempt)
+            prepared = prepare_shard(stage, layout, task, attempt, on_batch)
         context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=attempt)
-        output, errors, busy_s = process_table(stage, prepared.table, context)
+        output, errors, busy_s = process_table(stage, prepared.table, context, on_batch=on_batch)
         errors = pa.concat_tables([prepared.errors, errors])
         wall_s = time.perf_counter() - began + prepared.prepare_s
         layout.commit_shard(
@@ -172,7 +196,13 @@ def run_shard(
 
 
 def _retry_transient(
-    stage: Stage, layout: RunLayout, task: ShardTask, fingerprint: str, table: pa.Table, began: float
+    stage: Stage,
+    layout: RunLayout,
+    task: ShardTask,
+    fingerprint: str,
+    table: pa.Table,
+    began: float,
+    on_batch: BatchCallback | None = None,
 ) -> ShardReport:
     """Re-run the shard's transiently failed items and merge them into the committed shard."""
     entry = layout.read_manifest(task.stage, task.shard_id)
@@ -184,7 +214,9 @@ def _retry_transient(
     is_retried = pa.array([item in retry_ids for item in old_errors.column("item_id").to_pylist()])
     to_retry = table.filter(pa.array([item in retry_ids for item in table.column("item_id").to_pylist()]))
     context = ShardContext(stage=task.stage, shard_id=task.shard_id, attempt=entry.attempt + 1)
-    new_output, new_errors, busy_s = process_table(stage, to_retry, context)
+    if on_batch is not None:
+        on_batch("input", to_retry.num_rows, 0, 0)
+    new_output, new_errors, busy_s = process_table(stage, to_retry, context, on_batch=on_batch)
     output = pa.concat_tables([old_output, new_output])
     errors = pa.concat_tables([old_errors.filter(pc.invert(is_retried)), new_errors])
     wall_s = time.perf_counter() - began

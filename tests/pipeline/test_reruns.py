@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.cli import main
 from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.conservation import check_run
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.pipeline.verify import verify_run
 
 
 @pytest.fixture
@@ -71,3 +75,62 @@ def test_reference_storage_keeps_no_bytes(image_folder, tmp_path):
     frame = rows(run_root)
     assert frame["image_bytes"].null_count() == frame.height == 4
     assert all(Path(ref).exists() for ref in frame["image_ref"].to_list())
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_output_is_recomputed_not_trusted(image_folder, tmp_path, caplog):
+    """A finished crawl part cut to half its size: the rerun names it and recomputes exactly that shard."""
+    run_root = tmp_path / "run"
+    run_crawl(config_for(image_folder, run_root))
+    clean = rows(run_root)
+    layout = RunLayout(Storage(str(run_root)))
+    shard = sorted(layout.manifests("crawl"))[0]
+    damaged = run_root / layout.output_key("crawl", shard)
+    _truncate(damaged)
+    (problem,) = verify_run(layout)
+    assert problem.examples[0].startswith(f"{damaged} is {damaged.stat().st_size} bytes but its manifest recorded")
+    caplog.set_level(logging.WARNING)
+    again = run_crawl(config_for(image_folder, run_root))
+    assert (again.computed_shards, again.skipped_shards) == (1, 2)
+    assert f"crawl shard {shard} is damaged: {damaged} is" in caplog.text
+    assert rows(run_root).equals(clean)
+    assert verify_run(layout) == [] and check_run(layout) == []
+
+
+@pytest.mark.parametrize("which", ["manifest", "errors"])
+def test_truncated_manifest_or_errors_file_is_recomputed(image_folder, tmp_path, caplog, which):
+    run_root = tmp_path / "run"
+    run_crawl(config_for(image_folder, run_root))
+    layout = RunLayout(Storage(str(run_root)))
+    shard = sorted(layout.manifests("crawl"))[2]
+    key = layout.manifest_key("crawl", shard) if which == "manifest" else layout.errors_key("crawl", shard)
+    _truncate(run_root / key)
+    (problem,) = verify_run(layout)
+    assert str(run_root / key) in problem.examples[0]
+    caplog.set_level(logging.WARNING)
+    again = run_crawl(config_for(image_folder, run_root))
+    assert (again.computed_shards, again.skipped_shards) == (1, 2)
+    assert str(run_root / key) in caplog.text
+    assert again.errors_by_reason == {"truncated": 1} and again.filtered_by_reason == {"too_small": 1}
+    assert verify_run(layout) == [] and check_run(layout) == []
+
+
+def test_status_check_names_a_damaged_file_and_fails(image_folder, tmp_path, capsys):
+    """A sibling: a part rewritten with other bytes of the same size passes the cheap size check of a
+    rerun but not ``status --check``'s checksums."""
+    run_root = tmp_path / "run"
+    run_crawl(config_for(image_folder, run_root))
+    layout = RunLayout(Storage(str(run_root)))
+    shard = sorted(layout.manifests("crawl"))[1]
+    part = run_root / layout.output_key("crawl", shard)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    assert main(["status", str(run_root), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED {part} does not match the sha256 its manifest recorded" in out
+    assert main(["status", str(run_root), "--check"]) == 1
