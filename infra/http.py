@@ -12,7 +12,10 @@ What a crawler running inside a cloud cluster needs, in one client:
 * redirects followed by hand, so every hop goes through the same address guard, with loop detection;
 * an address guard that refuses private, loopback, link-local and other non-global addresses unless
   explicitly allowed. The check runs *inside* the connection's connect step, on the very addresses the
-  socket connects to, so DNS rebinding between a check and the connect cannot slip through.
+  socket connects to, so DNS rebinding between a check and the connect cannot slip through. Link-local
+  and cloud-metadata addresses need their own opt-in: allowing in-cluster (private) sources must not
+  let a redirect reach ``169.254.169.254`` and its instance credentials;
+* credentials in URLs (``http://user:secret@host/``) never reach a stored URL, message or log line.
 
 Failures surface as :class:`FetchError` with a short machine ``reason``, whether it is ``transient``
 (worth retrying in a later run), and a human message.
@@ -25,12 +28,13 @@ import http.client
 import ipaddress
 import logging
 import random
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from urllib.parse import SplitResult, urljoin, urlsplit
 
@@ -75,6 +79,7 @@ class HttpSettings:
     per_host_concurrency: int = 8
     per_host_rate: float | None = None
     allow_private_addresses: bool = False
+    allow_link_local_addresses: bool = False
     user_agent: str = "ps3-engine/0.1 (+research crawler; honours X-Robots-Tag noai)"
 
 
@@ -108,12 +113,51 @@ class BlockedAddressError(OSError):
     """The host resolved only to addresses the guard refuses."""
 
 
+# Cloud instance-metadata endpoints outside the link-local ranges: Alibaba Cloud's sits in the shared
+# 100.64.0.0/10 space, AWS's IPv6 one in unique-local space. Link-local ranges hold the others.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+)
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
+
+
+def _unwrapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a socket really reaches: IPv4-mapped and NAT64-embedded IPv4 addresses are unwrapped."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in NAT64_PREFIX:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
 def is_public_address(address: str) -> bool:
     """True for globally routable unicast addresses (IPv4-mapped IPv6 is unwrapped first)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    ip = _unwrapped(address)
+    return ip.is_global and not ip.is_multicast and ip not in METADATA_ADDRESSES
+
+
+def is_link_local_or_metadata(address: str) -> bool:
+    ip = _unwrapped(address)
+    return ip.is_link_local or ip in METADATA_ADDRESSES
+
+
+def address_allowed(address: str, *, allow_private: bool, allow_link_local: bool) -> bool:
+    """The guard's verdict on one resolved address.
+
+    Link-local and metadata targets need ``allow_link_local`` whatever ``allow_private`` says; other
+    non-public targets (loopback, RFC 1918, unique-local) need ``allow_private``.
+    """
+    if is_link_local_or_metadata(address):
+        return allow_link_local
+    return allow_private or is_public_address(address)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the user-info part of every URL in it removed (``http://u:p@h/`` -> ``http://h/``)."""
+    return USERINFO.sub("", text)
 
 
 def _guarded_new_conn(self: HTTPConnection) -> socket.socket:
@@ -123,10 +167,18 @@ def _guarded_new_conn(self: HTTPConnection) -> socket.socket:
         infos = socket.getaddrinfo(host, self.port, 0, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise NameResolutionError(self.host, self, exc) from exc
-    allowed = [info for info in infos if self.allow_private_addresses or is_public_address(info[4][0])]
+    allowed = [
+        info
+        for info in infos
+        if address_allowed(
+            info[4][0], allow_private=self.allow_private_addresses, allow_link_local=self.allow_link_local_addresses
+        )
+    ]
     if not allowed:
         addresses = sorted({info[4][0] for info in infos})
-        raise BlockedAddressError(f"{self.host} resolves only to non-public addresses {addresses}")
+        link_local = any(is_link_local_or_metadata(a) for a in addresses)
+        hint = " (link-local/cloud metadata: needs allow_link_local_addresses)" if link_local else ""
+        raise BlockedAddressError(f"{self.host} resolves only to non-public addresses {addresses}{hint}")
     last_error: OSError | None = None
     for family, socktype, proto, _, sockaddr in allowed:
         sock = socket.socket(family, socktype, proto)
@@ -146,8 +198,12 @@ def _guarded_new_conn(self: HTTPConnection) -> socket.socket:
     raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
 
 
-def _pool_classes(allow_private: bool) -> dict[str, type[HTTPConnectionPool]]:
-    conn_attrs = {"_new_conn": _guarded_new_conn, "allow_private_addresses": allow_private}
+def _pool_classes(allow_private: bool, allow_link_local: bool) -> dict[str, type[HTTPConnectionPool]]:
+    conn_attrs = {
+        "_new_conn": _guarded_new_conn,
+        "allow_private_addresses": allow_private,
+        "allow_link_local_addresses": allow_link_local,
+    }
     http_conn = type("GuardedHTTPConnection", (HTTPConnection,), conn_attrs)
     https_conn = type("GuardedHTTPSConnection", (HTTPSConnection,), conn_attrs)
     return {
@@ -312,7 +368,9 @@ class GuardedHttpClient:
             maxsize=settings.per_host_concurrency,
             headers={"User-Agent": settings.user_agent, "Accept": "image/*,*/*;q=0.5"},
         )
-        self._pool.pool_classes_by_scheme = _pool_classes(settings.allow_private_addresses)
+        self._pool.pool_classes_by_scheme = _pool_classes(
+            settings.allow_private_addresses, settings.allow_link_local_addresses
+        )
         self._hosts: dict[str, _HostLimits] = {}
         self._hosts_lock = threading.Lock()
         self._random = random.Random()
@@ -341,15 +399,21 @@ class GuardedHttpClient:
         url: str,
         header_filter: Callable[[Mapping[str, str]], FetchError | None] | None = None,
     ) -> FetchResult:
-        """GET ``url`` following redirects. ``header_filter`` may veto a response before its body."""
+        """GET ``url`` following redirects. ``header_filter`` may veto a response before its body.
+
+        Credentials in ``url`` or a redirect's ``Location`` are never sent (urllib3 ignores user-info) and
+        are removed from the result's URLs and from error messages.
+        """
         started = time.monotonic()
         attempts = 0
         while True:
             attempts += 1
             try:
-                return self._fetch_once(url, started, attempts, header_filter)
+                result = self._fetch_once(url, started, attempts, header_filter)
+                return replace(result, url=redact_url(result.url), final_url=redact_url(result.final_url))
             except FetchError as error:
                 error.attempts = attempts
+                error.message = redact_url(error.message)
                 delay = getattr(error, "retry_after_s", None)
                 if not error.transient or attempts > self.settings.max_retries:
                     raise
@@ -362,7 +426,7 @@ class GuardedHttpClient:
                     raise
                 if time.monotonic() - started + delay > self.settings.total_timeout_s:
                     raise
-                logger.debug("retrying %s in %.2fs after %s", url, delay, error.reason)
+                logger.debug("retrying %s in %.2fs after %s", redact_url(url), delay, error.reason)
                 time.sleep(delay)
 
     def _fetch_once(

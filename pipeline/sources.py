@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ps3_engine.infra.http import redact_url
 from ps3_engine.infra.storage import S3Settings, is_s3_uri, list_uri, read_uri_bytes, uri_is_dir
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
-from ps3_engine.stages.crawl import item_id_for
+from ps3_engine.stages.crawl import INVALID_MESSAGE_KEY, INVALID_REASON_KEY, item_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,15 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", "
 URL_COLUMNS = ("url", "image_url", "uri", "src")
 LICENSE_COLUMNS = ("license", "licence", "license_url")
 ATTRIBUTION_COLUMNS = ("attribution", "author", "credit", "creator")
+BOM = "\ufeff"
+
+
+# A URI scheme (RFC 3986): ``ftp:``, ``data:``, ``file:``. One letter is a Windows drive, not a scheme.
+SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 
 
 def source_kind(ref: str) -> str:
+    """Kind of a reference from a folder/prefix listing (a file there is ``"file"``)."""
     lowered = ref.lower()
     if lowered.startswith(("http://", "https://")):
         return "http"
@@ -44,43 +52,119 @@ def source_kind(ref: str) -> str:
     return "file"
 
 
+def list_ref_kind(ref: str) -> tuple[str, str | None]:
+    """``(source_kind, refusal)`` of a reference named by a URL list.
+
+    http(s) and s3 are fetched; local paths (``file://``, ``/abs``, ``../rel``) are ``"local"``, which the
+    crawl reads only with ``crawl.allow_local_files``; any other scheme is refused with a message.
+    """
+    kind = source_kind(ref)
+    if kind != "file":
+        return kind, None
+    scheme = SCHEME.match(ref)
+    if scheme is None or scheme.group(1).lower() == "file":
+        return "local", None
+    return "invalid", f"unsupported URL scheme {scheme.group(1)!r}: URL lists fetch http(s) and s3:// only"
+
+
+def _url_key(row: dict[str, Any]) -> str | None:
+    """The row's URL column: the first of :data:`URL_COLUMNS` present with a value, else the first present."""
+    present = [key for name in URL_COLUMNS for key in row if isinstance(key, str) and key.lower() == name]
+    filled = [key for key in present if row[key] not in (None, "")]
+    return (filled or present or [None])[0]
+
+
 def _pick(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, str | None]:
     for name in names:
         for key in row:
-            if key.lower() == name and row[key] not in (None, ""):
+            if isinstance(key, str) and key.lower() == name and row[key] not in (None, ""):
                 return key, str(row[key])
     return None, None
 
 
-def _row_to_item(row: dict[str, Any], source: str) -> dict[str, Any]:
-    url_key, url = _pick(row, URL_COLUMNS)
-    if url is None:
-        raise ValueError(f"{source}: a row has no URL column (one of {URL_COLUMNS}): {sorted(row)}")
-    license_key, license_value = _pick(row, LICENSE_COLUMNS)
-    attribution_key, attribution = _pick(row, ATTRIBUTION_COLUMNS)
-    used = {url_key, license_key, attribution_key}
-    metadata = {k: v for k, v in row.items() if k not in used and v not in (None, "")}
+def _invalid_item(source: str, where: str, reason: str, message: str) -> dict[str, Any]:
+    """An item for a list row that cannot be fetched: the crawl turns it into an error row naming the row."""
     return {
-        "source_ref": url.strip(),
+        "source_ref": f"{source}#{where.replace(' ', '=')}",
+        "source_kind": "invalid",
         "source_list": source,
-        "license": license_value,
-        "attribution": attribution,
-        "metadata_json": json.dumps(metadata, sort_keys=True, default=str),
+        "license": None,
+        "attribution": None,
+        "metadata_json": json.dumps(
+            {INVALID_REASON_KEY: reason, INVALID_MESSAGE_KEY: f"{where} of {source}: {message}"}, sort_keys=True
+        ),
     }
 
 
-def _read_list_rows(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
+def _row_to_item(row: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    """One list row -> one crawl item; a row without a usable URL becomes an ``invalid`` item, not an error."""
+    url_key = _url_key(row)
+    if url_key is None:
+        raise ValueError(
+            f"{source}: {where} has no URL column (one of {URL_COLUMNS}); columns: {sorted(map(str, row))}"
+        )
+    value = row[url_key]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return _invalid_item(source, where, "missing_url", f"column {url_key!r} is empty")
+    if not isinstance(value, str):
+        return _invalid_item(
+            source, where, "invalid_url", f"column {url_key!r} holds a {type(value).__name__} ({value!r}), not a URL"
+        )
+    url = value.strip().lstrip(BOM).strip()
+    cleaned = redact_url(url)
+    if cleaned != url:
+        logger.warning(
+            "%s: %s: removed credentials from the URL (they are never sent, stored or logged)", source, where
+        )
+    kind, refusal = list_ref_kind(cleaned)
+    if refusal is not None:
+        return _invalid_item(source, where, "unsupported_scheme", f"{refusal}: {cleaned!r}")
+    license_key, license_value = _pick(row, LICENSE_COLUMNS)
+    attribution_key, attribution = _pick(row, ATTRIBUTION_COLUMNS)
+    used = {url_key, license_key, attribution_key}
+    # csv.DictReader files surplus fields of a long row under the key None.
+    metadata = {
+        ("_extra_fields" if k is None else str(k)): v for k, v in row.items() if k not in used and v not in (None, "")
+    }
+    return {
+        "source_ref": cleaned,
+        "source_kind": kind,
+        "source_list": source,
+        "license": license_value,
+        "attribution": attribution,
+        "metadata_json": redact_url(json.dumps(metadata, sort_keys=True, default=str)),
+    }
+
+
+def _decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text with or without a byte-order mark; anything else is a clear error naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{source}: line {line} is not UTF-8 text ({exc.reason}); save the list as UTF-8") from exc
+
+
+def _read_list_rows(source: str, s3: S3Settings) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for each row of a URL list; ``where`` names the row for messages ("line 3", "row 7")."""
     suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
     data = read_uri_bytes(source, s3)
     if suffix in (".txt", ".lst", ".urls"):
-        for line in data.decode("utf-8").splitlines():
+        for number, line in enumerate(_decode_text(data, source).splitlines(), start=1):
             line = line.strip()
             if line and not line.startswith("#"):
-                yield {"url": line}
+                yield f"line {number}", {"url": line}
     elif suffix == ".csv":
-        yield from csv.DictReader(io.StringIO(data.decode("utf-8")))
+        reader = csv.DictReader(io.StringIO(_decode_text(data, source)))
+        for number, row in enumerate(reader, start=1):
+            yield f"row {number}", row
     elif suffix == ".parquet":
-        yield from pq.read_table(io.BytesIO(data)).to_pylist()
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{source}: not a readable Parquet file: {exc}") from exc
+        for number, row in enumerate(table.to_pylist(), start=1):
+            yield f"row {number}", row
     else:
         raise ValueError(
             f"unsupported source {source!r}: expected a .txt/.csv/.parquet URL list, a folder or an S3 prefix"
@@ -94,14 +178,15 @@ def expand_source(source: str, s3: S3Settings, suffixes: frozenset[str] = IMAGE_
             if PurePosixPath(uri).suffix.lower() in suffixes:
                 yield {
                     "source_ref": uri,
+                    "source_kind": source_kind(uri),
                     "source_list": source,
                     "license": None,
                     "attribution": None,
                     "metadata_json": "{}",
                 }
         return
-    for row in _read_list_rows(source, s3):
-        yield _row_to_item(row, source)
+    for where, row in _read_list_rows(source, s3):
+        yield _row_to_item(row, source, where)
 
 
 def items_checksum(items: list[dict[str, Any]]) -> str:
@@ -119,7 +204,6 @@ def plan_items(
         for item in expand_source(source, s3, suffixes):
             ref = item["source_ref"]
             item["item_id"] = item_id_for(ref, occurrences[ref])
-            item["source_kind"] = source_kind(ref)
             occurrences[ref] += 1
             items.append(item)
         logger.info("source %s: %d items", source, len(items))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,14 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from ps3_engine.schemas import ERROR_SCHEMA, rows_to_table
+
+logger = logging.getLogger(__name__)
+
+# Reason of an item whose processing raised something the stage did not anticipate (usually a bug, or
+# an input no one foresaw). Per-item isolation is the rule in every stage's item loop: one item's
+# exception becomes that item's error row, and only shard-level causes (reading input, committing
+# output) fail a shard.
+UNEXPECTED_ERROR = "unexpected_error"
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,24 @@ def error_row(
         "attempts": attempts,
         "created_at": datetime.now(UTC),
     }
+
+
+def unexpected_error_row(
+    context: ShardContext, *, item_id: str, input_ref: str, exc: BaseException, attempts: int = 1
+) -> dict[str, Any]:
+    """The error row of an item whose processing raised ``exc`` unexpectedly; logs the traceback.
+
+    Permanent (``transient=False``): rerunning the same code on the same bytes raises again.
+    """
+    logger.warning("%s/%s: item %s failed unexpectedly", context.stage, context.shard_id, item_id, exc_info=exc)
+    return error_row(
+        context,
+        item_id=item_id,
+        input_ref=input_ref,
+        reason=UNEXPECTED_ERROR,
+        message=f"{type(exc).__name__}: {exc}",
+        attempts=attempts,
+    )
 
 
 def errors_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -25,7 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ps3_engine.infra.storage import S3Settings
 from ps3_engine.schemas import CAPTION_SCHEMA, rows_to_table
-from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.base import (
+    UNEXPECTED_ERROR,
+    BatchResult,
+    Resources,
+    ShardContext,
+    Stage,
+    error_row,
+    errors_table,
+    unexpected_error_row,
+)
 from ps3_engine.stages.captioning.backends import CaptionBackend, CaptionRequest, CaptionResult, SamplingSettings
 from ps3_engine.stages.captioning.hygiene import HygieneSettings, clean_caption
 from ps3_engine.stages.captioning.openai_backend import OpenAICaptioner, OpenAISettings
@@ -220,6 +229,10 @@ class CaptionStage(Stage):
                 prepared.append(self._prepare_image(row))
             except (ImageRejected, OSError, ValueError) as exc:
                 errors.append(self._error(context, row["image_id"], row["source_ref"], "undecodable", str(exc)))
+            except Exception as exc:  # per-item isolation: one image never fails its shard
+                errors.append(
+                    unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
+                )
         return BatchResult(rows_to_table(prepared, CAPTION_PREPARED_SCHEMA), errors_table(errors))
 
     def _prepare_image(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +282,7 @@ class CaptionStage(Stage):
                         [row["global_jpeg"], crop["crop_jpeg"]],
                     )
                 )
-        results = self._backend.generate(requests)
+        results = self._generate_isolated(requests)
         captions, errors = [], []
         sampling_json = json.dumps(self.config.sampling.model_dump(mode="json"), sort_keys=True)
         hygiene = self.config.hygiene.settings()
@@ -288,7 +301,11 @@ class CaptionStage(Stage):
                     )
                 )
                 continue
-            cleaned = clean_caption(result.text, result.finish_reason, hygiene)
+            try:
+                cleaned = clean_caption(result.text, result.finish_reason, hygiene)
+            except Exception as exc:
+                errors.append(unexpected_error_row(context, item_id=item_id, input_ref=row["source_ref"], exc=exc))
+                continue
             if cleaned.reject_reason:
                 message = f"{cleaned.detail}; raw: {result.text[:300]!r}"
                 errors.append(
@@ -297,6 +314,28 @@ class CaptionStage(Stage):
                 continue
             captions.append(self._caption_row(row, region_id, result, cleaned.text, context, sampling_json))
         return BatchResult(rows_to_table(captions, CAPTION_SCHEMA), errors_table(errors))
+
+    def _generate_isolated(self, requests: list[CaptionRequest]) -> list[CaptionResult]:
+        """The backend's results; when a whole batch raises, each request alone, and a raising one is its error.
+
+        Backends report per-request failures as results; an exception is unexpected, and one bad request
+        must not cost the other captions of the shard (the first exception is logged with its traceback).
+        """
+        assert self._backend is not None
+        try:
+            return self._backend.generate(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                logger.warning("caption: request %s failed unexpectedly", requests[0].request_id, exc_info=exc)
+                return [
+                    CaptionResult(
+                        requests[0].request_id,
+                        error_reason=UNEXPECTED_ERROR,
+                        error_message=f"{type(exc).__name__}: {exc}",
+                    )
+                ]
+            logger.warning("caption: batch of %d failed (%s); captioning one at a time", len(requests), exc)
+            return [result for request in requests for result in self._generate_isolated([request])]
 
     def _caption_row(
         self,

@@ -11,6 +11,7 @@ row becomes an error row with a reason. Cross-shard dedup by the hashes runs aft
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ps3_engine.infra.http import FetchError, GuardedHttpClient, HttpSettings
 from ps3_engine.infra.storage import S3Settings, read_uri_bytes
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, IMAGE_SCHEMA, rows_to_table
-from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from ps3_engine.stages.imaging import ImageRejected, inspect_image
+from ps3_engine.stages.base import (
+    BatchResult,
+    Resources,
+    ShardContext,
+    Stage,
+    error_row,
+    errors_table,
+    unexpected_error_row,
+)
+from ps3_engine.stages.imaging import ImageRejected, PixelBudget, inspect_image
 
 logger = logging.getLogger(__name__)
+
+# Keys of ``metadata_json`` on items planning could not use (``source_kind == "invalid"``).
+INVALID_REASON_KEY = "_invalid_reason"
+INVALID_MESSAGE_KEY = "_invalid_message"
 
 # PIL raises its own DecompressionBombError above 2x its default limit (~179 MP); stay under it.
 PIL_HARD_PIXEL_LIMIT = 178_956_970
@@ -47,7 +60,10 @@ class HttpConfig(BaseModel):
     per_host_concurrency: int = Field(8, ge=1)
     per_host_rate: float | None = Field(None, gt=0, description="requests/s per host and worker")
     allow_private_addresses: bool = Field(
-        False, description="allow loopback/private/link-local targets (tests and local demos only)"
+        False, description="allow loopback/private targets (in-cluster sources, tests); not link-local/metadata"
+    )
+    allow_link_local_addresses: bool = Field(
+        False, description="also allow link-local targets, cloud metadata services included (169.254.0.0/16, fe80::/10)"
     )
     user_agent: str = "ps3-engine/0.1 (+research crawler; honours X-Robots-Tag noai)"
 
@@ -73,6 +89,14 @@ class CrawlConfig(BaseModel):
     shard_size: int = Field(128, ge=1, description="input items per shard")
     batch_size: int = Field(32, ge=1)
     download_threads: int = Field(16, ge=1)
+    validation_pixel_budget: int = Field(
+        96_000_000,
+        ge=1,
+        description="stored pixels decoded at once per worker, all download threads together (bounds memory)",
+    )
+    allow_local_files: bool = Field(
+        False, description="let URL lists name local files (file://, /abs, ../rel); folder sources always work"
+    )
     max_workers: int | None = Field(None, ge=1)
     http: HttpConfig = HttpConfig()
     s3: S3Settings = S3Settings()
@@ -103,6 +127,31 @@ def parse_opt_out(headers: Mapping[str, str], tokens: tuple[str, ...]) -> str | 
     return None
 
 
+def source_policy_error(item: Mapping[str, Any], *, allow_local_files: bool) -> FetchError | None:
+    """Why an item planned from a source may not be fetched (a permanent FetchError), or None.
+
+    Planning marks a URL-list row it could not use as ``source_kind="invalid"`` with the reason and
+    message in ``metadata_json``, and a local path named by a URL list as ``"local"``: reading local
+    files is opt-in, since a list from elsewhere could otherwise copy ``/etc/passwd`` into the run.
+    """
+    kind = item["source_kind"]
+    if kind == "invalid":
+        metadata = json.loads(item["metadata_json"] or "{}")
+        return FetchError(
+            metadata.get(INVALID_REASON_KEY, "invalid_url"),
+            metadata.get(INVALID_MESSAGE_KEY, "unusable URL-list row"),
+            transient=False,
+        )
+    if kind == "local" and not allow_local_files:
+        return FetchError(
+            "local_file_refused",
+            "URL lists fetch http(s) and s3:// only; set crawl.allow_local_files=true to read local paths "
+            "(or pass the folder itself as a source)",
+            transient=False,
+        )
+    return None
+
+
 def item_id_for(source_ref: str, occurrence: int) -> str:
     """Stable id of the ``occurrence``-th appearance of ``source_ref`` in the run's inputs."""
     return hashlib.sha256(f"{source_ref}\n{occurrence}".encode()).hexdigest()[:32]
@@ -114,7 +163,17 @@ class CrawlStage(Stage):
     output_schema: ClassVar[pa.Schema] = IMAGE_SCHEMA
     config_model: ClassVar[type[BaseModel]] = CrawlConfig
     operational_fields: ClassVar[frozenset[str]] = frozenset(
-        {"shard_size", "batch_size", "download_threads", "max_workers", "http", "s3", "dedup", "near_dup_max_distance"}
+        {
+            "shard_size",
+            "batch_size",
+            "download_threads",
+            "validation_pixel_budget",
+            "max_workers",
+            "http",
+            "s3",
+            "dedup",
+            "near_dup_max_distance",
+        }
     )
 
     config: CrawlConfig
@@ -123,6 +182,7 @@ class CrawlStage(Stage):
         super().__init__(config)
         self._client: GuardedHttpClient | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._budget: PixelBudget | None = None
 
     @property
     def resources(self) -> Resources:
@@ -131,6 +191,7 @@ class CrawlStage(Stage):
     def setup(self) -> None:
         self._client = GuardedHttpClient(self.config.http.to_settings())
         self._threads = ThreadPoolExecutor(self.config.download_threads, thread_name_prefix="crawl")
+        self._budget = PixelBudget(self.config.validation_pixel_budget)
 
     def teardown(self) -> None:
         if self._threads is not None:
@@ -151,6 +212,14 @@ class CrawlStage(Stage):
 
     # -- one item ------------------------------------------------------------------------------
     def _crawl_item(self, item: dict[str, Any], context: ShardContext) -> tuple[str, dict[str, Any]]:
+        """One item -> ``("image", row)`` or ``("error", row)``; never raises (per-item isolation)."""
+        try:
+            return self._crawl_item_checked(item, context)
+        except Exception as exc:
+            row = unexpected_error_row(context, item_id=item["item_id"], input_ref=item["source_ref"], exc=exc)
+            return "error", row
+
+    def _crawl_item_checked(self, item: dict[str, Any], context: ShardContext) -> tuple[str, dict[str, Any]]:
         try:
             fetched = self._fetch(item)
         except FetchError as exc:
@@ -171,6 +240,7 @@ class CrawlStage(Stage):
                 content_type=headers.get("content-type"),
                 max_pixels=self.config.max_pixels,
                 allowed_formats=frozenset(self.config.allowed_formats),
+                budget=self._budget,
             )
         except ImageRejected as exc:
             return "error", error_row(
@@ -224,6 +294,9 @@ class CrawlStage(Stage):
     def _fetch(self, item: dict[str, Any]) -> tuple[bytes, str | None, Mapping[str, str], int | None, int]:
         """Return ``(body, final_url, headers, http_status, attempts)``; raise FetchError on failure."""
         ref = item["source_ref"]
+        refused = source_policy_error(item, allow_local_files=self.config.allow_local_files)
+        if refused is not None:
+            raise refused
         if item["source_kind"] == "http":
             assert self._client is not None
             result = self._client.fetch(ref, header_filter=self._opt_out_filter)

@@ -7,11 +7,15 @@ one place that knows about EXIF orientation and colour modes (CMYK, 16-bit, pale
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -21,6 +25,21 @@ PHASH_BITS_SIDE = 8
 # Validation decodes JPEGs with libjpeg's DCT scaling to at least this size: every entropy-coded
 # byte is still decoded (so truncation and corruption are caught) at a fraction of a full decode.
 VALIDATION_DRAFT_SIDE = 256
+# Formats that may hold several frames without being an animation (MPO: a photo plus previews/stereo pair).
+MULTI_PICTURE_FORMATS = frozenset({"MPO"})
+# EXIF orientation -> the transpose that displays the stored pixels upright (EXIF 2.3, tag 0x0112).
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Validation hashes a copy reduced to at most this long side: the 32x32 pHash does not need more, and
+# converting a full 64 MP decode to RGB would hold two more full-size copies.
+VALIDATION_HASH_SIDE = 1024
 
 
 class ImageRejected(Exception):
@@ -49,7 +68,34 @@ def _looks_like_markup(data: bytes) -> bool:
     return head.startswith((b"<!doctype", b"<html", b"<?xml", b"<svg", b"{", b"["))
 
 
+class PixelBudget:
+    """Bounds the pixels being decoded at once by the threads of one worker (a semaphore weighted by pixels).
+
+    A 187 KB PNG can claim 64 MP (~310 MB decoded); sixteen download threads validating such images at
+    once would need ~5 GB. Holders wait until their pixels fit under ``max_pixels``; one image larger than
+    the whole budget still runs, alone, so nothing waits forever.
+    """
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+        self._in_use = 0
+        self._condition = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: self._in_use == 0 or self._in_use + pixels <= self.max_pixels)
+            self._in_use += pixels
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._in_use -= pixels
+                self._condition.notify_all()
+
+
 def _open(data: bytes, content_type: str | None) -> Image.Image:
+    """Open (headers only) or raise :class:`ImageRejected`; any parser exception is the bytes' fault."""
     if not data:
         raise ImageRejected("empty_body", "zero-byte body")
     try:
@@ -63,6 +109,13 @@ def _open(data: bytes, content_type: str | None) -> Image.Image:
             raise ImageRejected("unsupported_format", f"not a decodable raster image ({content_type})") from exc
         kind = "markup/text" if _looks_like_markup(data) else "unknown bytes"
         raise ImageRejected("not_an_image", f"{kind} with content type {content_type!r}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Pillow's plugins raise ValueError, SyntaxError, struct.error, ... for what they cannot parse;
+        # a text/XMP chunk that inflates past Pillow's 1 MB safety limit is one such ValueError.
+        reason = "oversized_metadata" if "decompressed data too large" in str(exc).lower() else "corrupt"
+        raise ImageRejected(reason, f"header could not be parsed: {type(exc).__name__}: {exc}") from exc
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -101,8 +154,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert(COLOUR_KEY_ALPHA_MODES[img.mode])
     if img.mode in SIXTEEN_BIT_AND_WIDER_MODES:
         array = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        grey = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+        low, peak = _value_range(img.mode, array)
+        scaled = np.nan_to_num((array - low) * (255.0 / (peak - low)), nan=0.0, posinf=255.0, neginf=0.0)
+        grey = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
         if key is None:
             img = grey
         else:
@@ -114,6 +168,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _value_range(mode: str, array: np.ndarray) -> tuple[float, float]:
+    """The stored values that map to black and white for a 16-bit, 32-bit integer or float grey image.
+
+    16-bit: the full 0-65535 range (a dark 16-bit image stays dark). 32-bit integers: 0-255 when they fit
+    in 8 bits, else 0-65535 when they fit in 16, else their own range. Floats: the [0, 1] convention when
+    the values lie in it, else their own finite range (a float32 TIFF in [0, 1] must not turn black).
+    """
+    if mode.startswith("I;16"):
+        return 0.0, 65535.0
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
+        raise ImageRejected("corrupt", f"{mode} image holds no finite pixel value")
+    low, high = float(finite.min()), float(finite.max())
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        return 0.0, 1.0
+    if low >= 0.0 and high <= 255.0 and mode == "I":
+        return 0.0, 255.0
+    if low >= 0.0 and high <= 65535.0 and mode == "I":
+        return 0.0, 65535.0
+    return (low, high) if high > low else (low - 1.0, high)
 
 
 @cache
@@ -144,10 +220,20 @@ def inspect_image(
     content_type: str | None,
     max_pixels: int,
     allowed_formats: frozenset[str],
+    budget: PixelBudget | None = None,
 ) -> ImageFacts:
-    """Fully validate ``data`` as an image and measure it. Raises :class:`ImageRejected`."""
+    """Fully validate ``data`` as an image and measure it. Raises :class:`ImageRejected`.
+
+    Every byte of the pixel data is decoded, so truncation and corruption are caught: JPEGs by
+    libjpeg-turbo in strict mode (its "Corrupt JPEG data" warnings are errors) at DCT-scaled size,
+    other formats by Pillow at full size, holding ``budget`` for their stored pixels meanwhile.
+    Animations of every format are refused alike (``animated``); multi-picture JPEGs (MPO) are photos.
+    """
     img = _open(data, content_type)
     fmt = (img.format or "").upper()
+    if getattr(img, "is_animated", False) and fmt not in MULTI_PICTURE_FORMATS:
+        frames = getattr(img, "n_frames", "several")
+        raise ImageRejected("animated", f"{fmt or 'image'} with {frames} frames: animations are not kept")
     if fmt not in allowed_formats:
         raise ImageRejected("unsupported_format", f"format {fmt or 'unknown'} is not in {sorted(allowed_formats)}")
     stored_w, stored_h = img.size
@@ -158,18 +244,70 @@ def inspect_image(
     orientation = exif_orientation(img)
     mode = img.mode
     try:
-        if fmt == "JPEG":
-            img.draft("RGB", (VALIDATION_DRAFT_SIDE, VALIDATION_DRAFT_SIDE))
-        img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
-    except OSError as exc:
-        text = str(exc).lower()
-        reason = "truncated" if "truncat" in text or "broken data stream" in text else "corrupt"
-        raise ImageRejected(reason, f"{fmt} decode failed: {exc}") from exc
-    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise ImageRejected("corrupt", f"{fmt} decode failed: {exc}") from exc
+        if fmt in ("JPEG", "MPO"):
+            phash = _oriented_phash(_validate_jpeg(data, img), orientation)
+        else:
+            with budget.hold(stored_w * stored_h) if budget is not None else _no_budget():
+                try:
+                    img.load()
+                    phash = _oriented_phash(to_rgb(_reduced(img)), orientation)
+                finally:
+                    img.close()  # frees the full-size decode before the budget is released
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as exc:
+        # Whatever the decoder raises (OSError, ValueError, SyntaxError, struct.error, ...) is about these bytes.
+        raise ImageRejected(_decode_reason(exc), f"{fmt} decode failed: {exc}") from exc
     width, height = (stored_h, stored_w) if orientation in TRANSPOSING_ORIENTATIONS else (stored_w, stored_h)
-    return ImageFacts(width, height, fmt, mode, orientation, perceptual_hash(rgb))
+    return ImageFacts(width, height, fmt, mode, orientation, phash)
+
+
+def _oriented_phash(img: Image.Image, orientation: int) -> int:
+    """pHash of ``img`` as displayed (EXIF orientation applied), so a rotated copy hashes alike."""
+    return perceptual_hash(img.transpose(ORIENTATION_TRANSPOSE[orientation]) if orientation != 1 else img)
+
+
+@contextmanager
+def _no_budget() -> Iterator[None]:
+    yield
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    truncated = ("truncat", "broken data stream", "premature end of jpeg file")
+    return "truncated" if any(marker in text for marker in truncated) else "corrupt"
+
+
+def _validate_jpeg(data: bytes, img: Image.Image) -> Image.Image:
+    """Decode every scan of a JPEG strictly at DCT-scaled size; return a small image to hash (unoriented).
+
+    Pillow's decoder ignores libjpeg's recoverable-corruption warnings, so a JPEG with garbage written
+    over part of its entropy-coded data decodes "fine" with hundreds of garbled rows; simplejpeg runs the
+    same libjpeg-turbo with warnings raised as errors, and its scaled greyscale decode is faster than
+    Pillow's draft. CMYK/YCCK JPEGs are checked the same way and hashed from Pillow's draft (Pillow knows
+    Adobe's inverted CMYK).
+    """
+    side = VALIDATION_DRAFT_SIDE
+    colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    if colorspace in ("CMYK", "YCCK"):
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", min_height=side, min_width=side, strict=True)
+        img.draft("RGB", (side, side))
+        img.load()
+        return to_rgb(img)
+    luma = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=side, min_width=side, strict=True)
+    return Image.fromarray(luma[:, :, 0], mode="L")
+
+
+# Modes Pillow's ``reduce`` averages correctly (palette and 1-bit images are converted first).
+REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """``img`` box-reduced so its long side is about :data:`VALIDATION_HASH_SIDE` (unchanged when small)."""
+    factor = max(img.size) // VALIDATION_HASH_SIDE
+    if factor < 2 or img.mode not in REDUCIBLE_MODES:
+        return img
+    return img.reduce(factor)
 
 
 def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:

@@ -27,8 +27,17 @@ from ps3_engine.infra.http import FetchError, GuardedHttpClient
 from ps3_engine.infra.storage import S3Settings, read_uri_bytes
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
 from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA
-from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
-from ps3_engine.stages.crawl import PIL_HARD_PIXEL_LIMIT, HttpConfig, parse_opt_out
+from ps3_engine.stages.base import (
+    UNEXPECTED_ERROR,
+    BatchResult,
+    Resources,
+    ShardContext,
+    Stage,
+    error_row,
+    errors_table,
+    unexpected_error_row,
+)
+from ps3_engine.stages.crawl import PIL_HARD_PIXEL_LIMIT, HttpConfig, parse_opt_out, source_policy_error
 from ps3_engine.stages.documents.ocr import OcrFailed, TesseractOcr, TesseractSettings
 from ps3_engine.stages.documents.pdf import (
     PDFIUM_VERSION,
@@ -85,6 +94,9 @@ class RenderConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="documents handed to the stage at a time")
     download_threads: int = Field(8, ge=1)
     max_workers: int | None = Field(None, ge=1)
+    allow_local_files: bool = Field(
+        False, description="let URL lists name local files (file://, /abs, ../rel); folder sources always work"
+    )
     http: HttpConfig = HttpConfig()
     s3: S3Settings = S3Settings()
 
@@ -167,14 +179,24 @@ class RenderStage(Stage):
         for item, fetched in zip(items, self._threads.map(self._fetch_or_error, items), strict=True):
             if isinstance(fetched, FetchError):
                 errors.append(self._fetch_error_row(context, item, fetched))
-            else:
+                continue
+            num_pages, num_errors = len(pages), len(errors)
+            try:
                 self._render_document(item, *fetched, context, pages, errors)
+            except Exception as exc:  # per-item isolation: drop the document's partial rows, keep one error row
+                del pages[num_pages:], errors[num_errors:]
+                errors.append(
+                    unexpected_error_row(context, item_id=item["item_id"], input_ref=item["source_ref"], exc=exc)
+                )
         return BatchResult(rows_to_table(pages, DOCUMENT_PAGE_SCHEMA), errors_table(errors))
 
     # -- fetching ------------------------------------------------------------------------------
     def _fetch_or_error(self, item: dict[str, Any]) -> tuple[bytes, str | None] | FetchError:
         """``(body, final_url)`` of the item, or the ``FetchError`` that stopped it."""
         ref = item["source_ref"]
+        refused = source_policy_error(item, allow_local_files=self.config.allow_local_files)
+        if refused is not None:
+            return refused
         try:
             if item["source_kind"] == "http":
                 assert self._client is not None
@@ -187,6 +209,9 @@ class RenderStage(Stage):
             return FetchError("not_found", str(exc), transient=False)
         except OSError as exc:
             return FetchError("storage_error", f"{type(exc).__name__}: {exc}", transient=True)
+        except Exception as exc:  # per-item isolation: one document never fails its shard
+            logger.warning("render: fetching %s failed unexpectedly", ref, exc_info=exc)
+            return FetchError(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}", transient=False)
 
     def _opt_out_filter(self, headers: Mapping[str, str]) -> FetchError | None:
         directive = parse_opt_out(headers, self.config.opt_out_tokens) if self.config.honour_opt_out else None
@@ -248,6 +273,9 @@ class RenderStage(Stage):
                     pages.append(self._render_page(document, page_index, base))
                 except DocumentRejected as exc:
                     reject(exc, page_index)
+                except Exception as exc:  # per-page isolation: the document's other pages still count
+                    logger.warning("render: page %d of %s failed", page_index + 1, item["source_ref"], exc_info=exc)
+                    reject(DocumentRejected(UNEXPECTED_ERROR, f"{type(exc).__name__}: {exc}"), page_index)
         finally:
             document.close()
 

@@ -21,7 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ps3_engine.infra.storage import S3Settings
 from ps3_engine.schemas import IMAGE_SCHEMA, REGION_SCHEMA, rows_to_table
-from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
+from ps3_engine.stages.base import (
+    BatchResult,
+    Resources,
+    ShardContext,
+    Stage,
+    error_row,
+    errors_table,
+    unexpected_error_row,
+)
 from ps3_engine.stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
 from ps3_engine.stages.geometry import BoxXYXY
 from ps3_engine.stages.imaging import ImageRejected, load_rgb, stored_image_bytes
@@ -144,6 +152,10 @@ class SegmentStage(Stage):
                 decoded.append((row, self._working_copy(row)))
             except (ImageRejected, OSError, ValueError) as exc:
                 errors.append(self._error(context, row, "undecodable", str(exc)))
+            except Exception as exc:  # per-item isolation: one item never fails its shard
+                errors.append(
+                    unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
+                )
         sizes = [image.shape[0] * image.shape[1] for _, image in decoded]
         for group in pixel_batches(sizes, self.config.max_batch_pixels):
             self._segment_group([decoded[i] for i in group], context, regions, errors)
@@ -177,7 +189,7 @@ class SegmentStage(Stage):
         assert self._segmenter is not None
         try:
             results = self._segmenter.masks_batch([(image, row["width"], row["height"]) for row, image in group])
-        except (RuntimeError, MemoryError) as exc:
+        except Exception as exc:  # any backend failure is retried per image, so one image cannot fail the group
             if not is_out_of_memory(exc):
                 if len(group) == 1:
                     errors.append(self._error(context, group[0][0], "segmenter_error", f"{type(exc).__name__}: {exc}"))
@@ -195,7 +207,13 @@ class SegmentStage(Stage):
             return
         settings_json = json.dumps(self.config.backend_settings(), sort_keys=True)
         for (row, _), masks in zip(group, results, strict=True):
-            selected = select_regions(masks, row["width"], row["height"], self.config)
+            try:
+                selected = select_regions(masks, row["width"], row["height"], self.config)
+            except Exception as exc:
+                errors.append(
+                    unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
+                )
+                continue
             if not selected:
                 errors.append(
                     self._error(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.config import load_run_config
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.runner import run_crawl
-from tests.support.zoo import ZOO_CRAWL_OVERRIDES, ZOO_EXPECTED
+from tests.support.zoo import CREDENTIAL_SECRET, ZOO_CRAWL_OVERRIDES, ZOO_EXPECTED
 
 VOLATILE_IMAGE_COLUMNS = ["fetched_at"]
 
@@ -65,11 +66,11 @@ def test_zoo_outcomes_are_exact(local_run, zoo):
     layout = RunLayout(Storage(run_root))
     assert outcomes(layout, zoo) == ZOO_EXPECTED
     expected = Counter(category for category, _ in ZOO_EXPECTED.values())
-    assert result.kept_rows == expected["kept"] == 14
+    assert result.kept_rows == expected["kept"] == 16
     assert sum(result.filtered_by_reason.values()) == expected["filtered"] == 5
-    assert sum(result.errors_by_reason.values()) == expected["failed"] == 12
+    assert sum(result.errors_by_reason.values()) == expected["failed"] == 18
     assert result.failed_shards == []
-    assert result.computed_shards == result.planned_shards == 4
+    assert result.computed_shards == result.planned_shards == 5
     summary = json.loads(Path(run_root, "summary.json").read_text())
     assert summary["stages"]["crawl"]["errors_by_reason"]["http_404"] == 1
     assert summary["stages"]["crawl"]["filtered_by_reason"]["duplicate_exact"] == 1
@@ -87,10 +88,35 @@ def test_kept_rows_carry_orientation_modes_and_provenance(local_run, zoo):
     assert rows["/good/flaky-503.jpg"]["fetch_attempts"] == 2
     assert rows["/good/flaky-429.jpg"]["fetch_attempts"] == 2
     assert rows["/redirect-to-good"]["final_url"] == zoo.url("/good/redirect-target.jpg")
+    assert rows["/creds.jpg"]["source_ref"] == rows["/creds.jpg"]["final_url"] == zoo.url("/creds.jpg")
     good = rows["/good/0.jpg"]
     assert good["image_bytes"] == zoo.assets["/good/0.jpg"]
     assert good["image_id"] == good["sha256"] and len(good["sha256"]) == 64
     assert (good["width"], good["height"], good["format"]) == (2048, 1536, "JPEG")
+
+
+def test_url_credentials_are_never_sent_stored_or_logged(zoo, url_list, ray_local, tmp_path, caplog):
+    """``http://user:secret@host/x.jpg``: the secret appears in no run file (inputs, parts, errors) and no log."""
+    assert CREDENTIAL_SECRET in url_list.read_text()
+    zoo.reset()
+    run_root = Path(tmp_path / "run")
+    with caplog.at_level(logging.DEBUG):
+        result = run_crawl(zoo_config(str(run_root), url_list, executor="local"))
+    assert result.failed_shards == []
+    files = [p for p in run_root.rglob("*") if p.is_file()]
+    assert any("_input" in p.parts for p in files) and any(p.name.startswith("part-") for p in files)
+    assert [p for p in files if CREDENTIAL_SECRET.encode() in p.read_bytes()] == []
+    assert CREDENTIAL_SECRET not in caplog.text
+    assert zoo.authorization_headers == []
+
+
+def test_metadata_redirect_is_a_permanent_block_without_a_connection(local_run, zoo):
+    run_root, _ = local_run
+    [row] = [
+        r for r in RunLayout(Storage(run_root)).read_errors("crawl").to_pylist() if r["input_ref"].endswith("-metadata")
+    ]
+    assert (row["reason"], row["transient"], row["attempts"]) == ("blocked_address", False, 1)
+    assert "169.254.169.254" in row["message"] and "allow_link_local_addresses" in row["message"]
 
 
 def test_every_input_item_leaves_exactly_once(local_run):
@@ -126,10 +152,10 @@ def test_second_run_writes_nothing_and_fetches_nothing(local_run, zoo, url_list)
         for p in Path(run_root).rglob("*")
         if p.is_file() and p.name != "summary.json"
     }
-    assert again.computed_shards == 0 and again.skipped_shards == 4
+    assert again.computed_shards == 0 and again.skipped_shards == 5
     assert after == before
     assert sum(zoo.requests.values()) == requests_before
-    assert again.kept_rows == 14
+    assert again.kept_rows == 16
 
 
 def _comparable_images(frame: pl.DataFrame) -> pl.DataFrame:
@@ -145,14 +171,14 @@ def test_s3_run_root_matches_local_run(local_run, zoo, url_list, s3_bucket):
     zoo.reset()
     s3_root = f"s3://{s3_bucket}/runs/zoo"
     result = run_crawl(zoo_config(s3_root, url_list, executor="local"))
-    assert result.kept_rows == 14 and result.failed_shards == []
+    assert result.kept_rows == 16 and result.failed_shards == []
     s3_storage = Storage(s3_root)
     local_layout, s3_layout = RunLayout(Storage(local_root)), RunLayout(s3_storage)
     assert sorted(local_layout.manifests("crawl")) == sorted(s3_layout.manifests("crawl"))
     s3_frame = pl.read_parquet(f"{s3_root}/crawl/part-*.parquet", storage_options=s3_storage.polars_storage_options())
     local_frame = pl.read_parquet(f"{local_root}/crawl/part-*.parquet")
-    # 14 kept + 2 dedup drops, which stay in the shards and are filtered through crawl/_dedup downstream
-    assert s3_frame.height == local_frame.height == 16
+    # 16 kept + 2 dedup drops, which stay in the shards and are filtered through crawl/_dedup downstream
+    assert s3_frame.height == local_frame.height == 18
     assert _comparable_images(s3_frame).equals(_comparable_images(local_frame))
     part_paths = [
         s3_storage.path(o.key)

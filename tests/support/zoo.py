@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, PngImagePlugin
 
 from ps3_engine.pipeline.samples import synthetic_scene
 
@@ -62,7 +63,20 @@ ZOO_EXPECTED: dict[str, tuple[str, str]] = {
     "/anim.gif": ("failed", "unsupported_format"),
     "/bomb.png": ("failed", "decompression_bomb"),
     "/too-big.jpg": ("failed", "too_large"),
+    # issue 14: one instance per kind (see also tests/stages/test_crawl_inputs.py for URL-list lines)
+    "/big-xmp.png": ("failed", "oversized_metadata"),  # 2 MB zipped iTXt: Pillow raises a plain ValueError
+    "/corrupt-mid.jpg": ("failed", "corrupt"),  # 400 bytes overwritten mid-scan: Pillow decodes it "fine"
+    "/float01.tif": ("kept", ""),  # float32 in [0, 1]: must not become black
+    "/anim.webp": ("failed", "animated"),
+    "/anim.png": ("failed", "animated"),  # APNG
+    "/anim-real.gif": ("failed", "animated"),
+    "/redirect-metadata": ("failed", "blocked_address"),  # -> 169.254.169.254 despite allow_private_addresses
+    "/creds.jpg": ("kept", ""),  # listed as http://user:secret@host/creds.jpg: stored without the credentials
 }
+
+# Paths listed with credentials in the URL; nothing stored or logged may contain CREDENTIAL_SECRET.
+CREDENTIAL_SECRET = "s3cr3t-zoo-password"
+CREDENTIAL_PATHS = frozenset({"/creds.jpg"})
 
 
 def _encode(img: Image.Image, fmt: str, **params) -> bytes:
@@ -84,6 +98,37 @@ def _png_bomb(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def corrupt_mid_stream(jpeg: bytes, num_bytes: int = 400, seed: int = 1) -> bytes:
+    """``jpeg`` with ``num_bytes`` random bytes written over the middle of its entropy-coded data.
+
+    With the default seed Pillow decodes the zoo's result without any error (garbled rows, no exception).
+    """
+    rng = np.random.default_rng(seed)
+    data = bytearray(jpeg)
+    middle = len(data) // 2
+    data[middle : middle + num_bytes] = rng.integers(0, 256, num_bytes, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def big_text_chunk_png(size: tuple[int, int] = (1300, 1100)) -> bytes:
+    """A PNG whose zip-compressed iTXt (XMP) chunk inflates to 2 MB, past Pillow's 1 MB text limit."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", " " * (2 << 20), zip=True)
+    return _encode(Image.new("RGB", size, "teal"), "PNG", pnginfo=info)
+
+
+def float_tiff(scene: Image.Image) -> bytes:
+    """A float32 TIFF of ``scene``'s grey levels scaled to [0, 1]."""
+    grey = np.asarray(scene.convert("L"), dtype=np.float32) / 255.0
+    return _encode(Image.fromarray(grey, mode="F"), "TIFF")
+
+
+def animation(fmt: str, size: tuple[int, int] = (96, 64), frames: int = 3) -> bytes:
+    """A small animation of ``frames`` solid colours (GIF, WebP or APNG)."""
+    images = [Image.new("RGB", size, colour) for colour in ("red", "green", "blue")[:frames]]
+    return _encode(images[0], fmt, save_all=True, append_images=images[1:], duration=100, loop=0)
 
 
 def build_assets(cache: Path) -> dict[str, bytes]:
@@ -137,6 +182,13 @@ def build_assets(cache: Path) -> dict[str, bytes]:
     assets["/image.svg"] = b'<svg xmlns="http://www.w3.org/2000/svg" width="4096" height="4096"></svg>'
     assets["/anim.gif"] = cached("anim.gif", lambda: _encode(scene(23).convert("P"), "GIF"))
     assets["/bomb.png"] = _png_bomb(30000, 30000)
+    assets["/big-xmp.png"] = cached("big-xmp.png", big_text_chunk_png)
+    assets["/corrupt-mid.jpg"] = corrupt_mid_stream(assets["/good/3.jpg"])
+    assets["/float01.tif"] = cached("float01.tif", lambda: float_tiff(scene(24, (1280, 1024))))
+    assets["/anim.webp"] = animation("WEBP")
+    assets["/anim.png"] = animation("PNG")
+    assets["/anim-real.gif"] = animation("GIF")
+    assets["/creds.jpg"] = cached("creds.jpg", lambda: _encode(scene(25), "JPEG", quality=90))
     return assets
 
 
@@ -144,6 +196,8 @@ CONTENT_TYPES = {
     ".jpg": "image/jpeg",
     ".png": "image/png",
     ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".tif": "image/tiff",
     ".svg": "image/svg+xml",
     ".html": "text/html",
 }
@@ -155,13 +209,18 @@ class ZooServer:
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.healed = False  # flips /error500.jpg to a good image (for --retry-failed tests)
+        self.authorization_headers: list[str] = []  # any Authorization a request carried (must stay empty)
         self.base_url = ""
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
     def urls(self) -> list[str]:
-        return [self.url(path) for path in ZOO_EXPECTED]
+        """The zoo's list lines; :data:`CREDENTIAL_PATHS` carry a user and password in the URL."""
+        return [self.url_with_credentials(p) if p in CREDENTIAL_PATHS else self.url(p) for p in ZOO_EXPECTED]
+
+    def url_with_credentials(self, path: str) -> str:
+        return self.url(path).replace("://", f"://zoo-user:{CREDENTIAL_SECRET}@", 1)
 
     def reset(self) -> None:
         """Forget request counts so flaky routes fail once again (one crawl = one fresh server)."""
@@ -196,6 +255,8 @@ def _handler(zoo: ZooServer) -> type[BaseHTTPRequestHandler]:
             with zoo.lock:
                 zoo.requests[path] += 1
                 seen = zoo.requests[path]
+                if self.headers.get("Authorization"):
+                    zoo.authorization_headers.append(self.headers["Authorization"])
             suffix = Path(path).suffix
             ctype = {"Content-Type": CONTENT_TYPES.get(suffix, "application/octet-stream")}
             if path == "/good/flaky-503.jpg" and seen == 1:
@@ -218,6 +279,8 @@ def _handler(zoo: ZooServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(302, b"", {"Location": "/loop-b"})
             if path == "/loop-b":
                 return self._send(302, b"", {"Location": "/loop-a"})
+            if path == "/redirect-metadata":
+                return self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})
             if path == "/redirect-to-good":
                 return self._send(301, b"", {"Location": "/good/redirect-target.jpg"})
             if path == "/too-big.jpg":
