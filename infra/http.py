@@ -119,7 +119,8 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
 )
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
-USERINFO = re.compile(r"(?<=://)[^/?#@\s]*@")
+# The user-info of a URL: everything between "://" and the authority's last "@" (a password may hold "@").
+USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
 
 
 def _unwrapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -121,7 +121,7 @@ def _row_to_item(row: dict[str, Any], source: str, where: str) -> dict[str, Any]
         return _invalid_item(source, where, "unsupported_scheme", f"{refusal}: {cleaned!r}")
     license_key, license_value = _pick(row, LICENSE_COLUMNS)
     attribution_key, attribution = _pick(row, ATTRIBUTION_COLUMNS)
-    used = {url_key, license_key, attribution_key}
+    used = {key for key in (url_key, license_key, attribution_key) if key is not None}
     # csv.DictReader files surplus fields of a long row under the key None.
     metadata = {
         ("_extra_fields" if k is None else str(k)): v for k, v in row.items() if k not in used and v not in (None, "")

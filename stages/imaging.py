@@ -233,7 +233,9 @@ def inspect_image(
     fmt = (img.format or "").upper()
     if getattr(img, "is_animated", False) and fmt not in MULTI_PICTURE_FORMATS:
         frames = getattr(img, "n_frames", "several")
-        raise ImageRejected("animated", f"{fmt or 'image'} with {frames} frames: animations are not kept")
+        raise ImageRejected(
+            "animated", f"{fmt or 'image'} with {frames} frames: animations and multi-page images are not kept"
+        )
     if fmt not in allowed_formats:
         raise ImageRejected("unsupported_format", f"format {fmt or 'unknown'} is not in {sorted(allowed_formats)}")
     stored_w, stored_h = img.size

@@ -895,3 +895,86 @@ def test_fetch_error_defaults_and_str():
     error = FetchError("http_404", "HTTP 404 from x", transient=False)
     assert str(error) == "http_404: HTTP 404 from x"
     assert (error.attempts, error.status, error.category) == (1, None, "failed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 14: link-local / cloud-metadata targets and credentials in URLs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_redirect_to_cloud_metadata_is_blocked_even_with_private_addresses_allowed(server, make_client):
+    rid = new_id()
+    client = make_client(allow_private_addresses=True, max_retries=3, connect_timeout_s=5.0)
+    started = time.monotonic()
+    error = fetch_error(client, server.url("/redirect", to="http://169.254.169.254/latest/meta-data/", id=rid))
+    assert (error.reason, error.transient, error.attempts) == ("blocked_address", False, 1)
+    assert "allow_link_local_addresses" in error.message
+    assert time.monotonic() - started < 1.0  # refused before connecting, and not retried
+    assert server.count(rid) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2852039166/latest/meta-data/",  # 169.254.169.254 written as one decimal number
+        "http://0xa9fea9fe/latest/meta-data/",  # ... and in hex
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",  # IPv4-mapped IPv6
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64-embedded IPv4
+        "http://169.254.170.2/v2/credentials",  # AWS ECS task credentials
+        "http://100.100.100.200/latest/meta-data/",  # Alibaba Cloud metadata (shared address space)
+        "http://[fd00:ec2::254]/latest/meta-data/",  # AWS IPv6 metadata (unique-local space)
+        "http://[fe80::1]/",  # IPv6 link-local
+    ],
+)
+def test_sibling_spellings_of_metadata_and_link_local_targets_are_blocked(make_client, url):
+    client = make_client(allow_private_addresses=True, max_retries=3, connect_timeout_s=5.0)
+    started = time.monotonic()
+    error = fetch_error(client, url)
+    assert (error.reason, error.transient, error.attempts) == ("blocked_address", False, 1)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("address", "private", "link_local", "allowed"),
+    [
+        ("169.254.169.254", True, False, False),
+        ("169.254.169.254", True, True, True),
+        ("fe80::1", False, True, True),
+        ("10.0.0.5", True, False, True),
+        ("10.0.0.5", False, True, False),
+        ("8.8.8.8", False, False, True),
+        ("::ffff:169.254.169.254", True, False, False),
+    ],
+)
+def test_address_policy_keeps_link_local_behind_its_own_option(address, private, link_local, allowed):
+    from ps3_engine.infra.http import address_allowed
+
+    assert address_allowed(address, allow_private=private, allow_link_local=link_local) is allowed
+
+
+def test_credentials_in_urls_are_never_returned_or_put_in_messages(server, make_client):
+    client = make_client(allow_private_addresses=True)
+    secret_url = server.url("/ok", id=new_id()).replace("://", "://user:p@ss:w0rd@", 1)
+    result = client.fetch(secret_url)
+    assert "w0rd" not in result.url and "w0rd" not in result.final_url
+    assert result.final_url.startswith(server.base_url)
+    missing = server.url("/status", code=404, id=new_id()).replace("://", "://user:w0rd@", 1)
+    assert "w0rd" not in fetch_error(client, missing).message
+    to = server.url("/ok", id=new_id()).replace("://", "://user:w0rd@", 1)
+    redirected = client.fetch(server.url("/redirect", to=to, id=new_id()))
+    assert "w0rd" not in redirected.final_url and redirected.status == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://u:p@h/x.jpg", "http://h/x.jpg"),
+        ("https://u:p@ss@h:8080/x?a=b@c", "https://h:8080/x?a=b@c"),
+        ("HTTP 404 from http://tok@h/x (after http://a:b@g/y)", "HTTP 404 from http://h/x (after http://g/y)"),
+        ("http://h/x@y", "http://h/x@y"),
+    ],
+)
+def test_redact_url_removes_user_info_only(text, expected):
+    from ps3_engine.infra.http import redact_url
+
+    assert redact_url(text) == expected

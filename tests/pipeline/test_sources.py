@@ -97,3 +97,88 @@ def test_no_sources_is_a_clear_error(tmp_path):
     config = load_run_config(None, ["executor.kind=local"], run_root=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="no crawl sources"):
         run_crawl(config)
+
+
+# -- issue 14: list rows that cannot be fetched become items with a reason, never a rejected list -------
+
+
+def _reasons(items: list[dict]) -> list[tuple[str, str | None]]:
+    return [
+        (
+            i["source_kind"],
+            json.loads(i["metadata_json"]).get("_invalid_reason") if i["source_kind"] == "invalid" else None,
+        )
+        for i in items
+    ]
+
+
+def test_txt_list_with_a_byte_order_mark_keeps_its_first_url(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhttp://h/a.jpg\r\nhttp://h/b.jpg\r\n".encode())
+    items = plan_items([str(path)], S3Settings())[0][1]
+    assert [i["source_ref"] for i in items] == ["http://h/a.jpg", "http://h/b.jpg"]
+    assert {i["source_kind"] for i in items} == {"http"}
+
+
+def test_sibling_csv_header_with_a_byte_order_mark_finds_its_url_column(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffurl,license\nhttp://h/a.jpg,CC0\n".encode())
+    [item] = plan_items([str(path)], S3Settings())[0][1]
+    assert (item["source_ref"], item["license"]) == ("http://h/a.jpg", "CC0")
+
+
+def test_parquet_list_with_a_null_url_cell_keeps_its_other_rows(tmp_path):
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"url": ["http://h/a.jpg", None, "http://h/c.jpg"]}), path)
+    items = plan_items([str(path)], S3Settings())[0][1]
+    assert _reasons(items) == [("http", None), ("invalid", "missing_url"), ("http", None)]
+    message = json.loads(items[1]["metadata_json"])["_invalid_message"]
+    assert message == f"row 2 of {path}: column 'url' is empty"
+
+
+def test_integer_url_column_rows_are_invalid_not_relative_paths(tmp_path):
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"url": [1, 2]}), path)
+    items = plan_items([str(path)], S3Settings())[0][1]
+    assert _reasons(items) == [("invalid", "invalid_url")] * 2
+    assert "holds a int (1), not a URL" in json.loads(items[0]["metadata_json"])["_invalid_message"]
+
+
+def test_url_list_schemes_and_local_paths_are_classified(tmp_path):
+    path = tmp_path / "mixed.txt"
+    lines = ["ftp://127.0.0.1/x.jpg", "file:///etc/passwd", "/abs/path.jpg", "../rel.jpg", "data:image/png;base64,AAA"]
+    path.write_text("\n".join(["http://h/a.jpg", "s3://b/k.jpg", *lines]) + "\n")
+    items = plan_items([str(path)], S3Settings())[0][1]
+    assert _reasons(items) == [
+        ("http", None),
+        ("s3", None),
+        ("invalid", "unsupported_scheme"),
+        ("local", None),
+        ("local", None),
+        ("local", None),
+        ("invalid", "unsupported_scheme"),
+    ]
+    assert "line 3 of" in json.loads(items[2]["metadata_json"])["_invalid_message"]
+
+
+def test_credentials_are_stripped_when_planning(tmp_path, caplog):
+    path = tmp_path / "creds.csv"
+    path.write_text("url,note\nhttp://user:secret@h/x.jpg,see https://a:secret@h/y\n")
+    [item] = plan_items([str(path)], S3Settings())[0][1]
+    assert item["source_ref"] == "http://h/x.jpg"
+    assert "secret" not in json.dumps(item) and "secret" not in caplog.text
+
+
+def test_sibling_csv_row_longer_than_its_header_is_kept_with_the_surplus_as_metadata(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("url,license,author,caption\nhttp://h/a.jpg,CC0,Ada,a cat,extra,fields\nhttp://h/b.jpg,,,a dog\n")
+    items = plan_items([str(path)], S3Settings())[0][1]  # before: TypeError sorting a None key with str keys
+    assert json.loads(items[0]["metadata_json"]) == {"_extra_fields": ["extra", "fields"], "caption": "a cat"}
+    assert len(items) == 2
+
+
+def test_sibling_list_that_is_not_utf8_is_a_clear_error_naming_the_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("http://h/a.jpg\nhttp://h/caf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: line 2 is not UTF-8"):
+        plan_items([str(path)], S3Settings())
