@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ps3_engine.infra.storage import Storage
-from ps3_engine.pipeline import dedup
 from ps3_engine.pipeline.config import load_run_config
 from ps3_engine.pipeline.dedup import find_duplicates
 from ps3_engine.pipeline.layout import RunLayout
@@ -142,28 +140,6 @@ def test_copies_of_the_representative_are_exact_duplicates_of_it():
         (2, 1, "near_duplicate", 1),
         (3, 1, "duplicate_exact", 0),
     ]
-
-
-def test_an_oversized_lsh_bucket_is_capped_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(dedup, "MAX_BUCKET_COMPARISONS", 3)
-    rows = [row(i, sha=f"sha{i}", phash=FAR_HASHES[1]) for i in range(5)]
-    with caplog.at_level(logging.WARNING, logger=dedup.__name__):
-        drops = find_duplicates(rows, max_distance=0)
-    # With one band every row shares one bucket: only the first 3 are compared, the last 2 stay unlinked.
-    assert kept_indices(rows, drops) == {0, 3, 4}
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == dedup.__name__]
-    assert len(warnings) == 1
-    assert "MAX_BUCKET_COMPARISONS=3" in warnings[0].getMessage()
-    assert "largest: 5 rows" in warnings[0].getMessage()
-
-
-def test_buckets_within_the_cap_log_no_warning(monkeypatch, caplog):
-    monkeypatch.setattr(dedup, "MAX_BUCKET_COMPARISONS", 5)
-    rows = [row(i, sha=f"sha{i}", phash=FAR_HASHES[1]) for i in range(5)]
-    with caplog.at_level(logging.WARNING, logger=dedup.__name__):
-        drops = find_duplicates(rows, max_distance=0)
-    assert kept_indices(rows, drops) == {0}
-    assert not [r for r in caplog.records if r.name == dedup.__name__]
 
 
 @given(
