@@ -318,6 +318,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _print_results(config, results)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ps3_engine.pipeline.export import export_webdataset
+
+    # S3 endpoint and region come from the environment (AWS_ENDPOINT_URL_S3, AWS_REGION).
+    result = export_webdataset(args.run, args.out, split=args.split, samples_per_shard=args.samples_per_shard)
+    manifest = result.manifest
+    print(f"export: {result.samples} images in {len(result.shards)} shard pairs, {len(result.skipped)} skipped")
+    print(f"  --train-data-image {manifest['train_data_image']}")
+    print(f"  --train-data-text-box {manifest['train_data_text_box']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ps3-engine",
@@ -516,6 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--max-new-tokens", type=int, default=64)
     infer.add_argument("--device", default="cpu")
     infer.set_defaults(func=cmd_infer)
+
+    export = sub.add_parser(
+        "export",
+        help="write the corpus in another trainer's format",
+        description="webdataset: the two parallel WebDatasets NVlabs/PS3's training code reads "
+        "(OUT/images/image_XXXXX.tar of NNNNNNNN.jpg, OUT/text_boxes/text_box_XXXXX.tar of NNNNNNNN.json).",
+    )
+    export.add_argument("format", choices=["webdataset"])
+    export.add_argument("run", metavar="RUN", help="run root holding dataset/ (local or s3://)")
+    export.add_argument("out", metavar="OUT", help="output folder (local or s3://)")
+    export.add_argument("--split", default="train", choices=["train", "validation"], help="(default: %(default)s)")
+    export.add_argument("--samples-per-shard", type=int, default=10_000, help="(default: %(default)s)")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser(
         "demo",

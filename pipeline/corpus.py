@@ -1,16 +1,19 @@
 """Corpus build: per-shard corpus rows -> size-targeted, split Parquet shards, a flat pairs view, a manifest.
 
 ```
-dataset/train/shard-<build>-00000.parquet        CORPUS_SCHEMA rows (one image each), ~corpus.target_shard_bytes
-dataset/validation/shard-<build>-00000.parquet
-dataset/pairs/train/shard-<build>-00000.parquet  PAIRS_SCHEMA: one (box, caption) per row, pointing at its image
-dataset/manifest.json                            counts, sources, fingerprints, schema version, shard list; last
+dataset/images/train/shard-<build>-00000.parquet       one image per row: CORPUS_SCHEMA + the input's extra
+dataset/images/validation/shard-<build>-00000.parquet  columns (typed, see pipeline/provenance.py)
+dataset/pairs/train/shard-<build>-00000.parquet        PAIRS_SCHEMA: one (box, caption) per row, pointing at its image
+dataset/pairs/validation/...
+dataset/manifest.json                                  counts, sources, fingerprints, schemas, shard list; last
 ```
+Each table has its own root with one schema under it, so ``dataset/images`` (or ``dataset/pairs``) loads
+as a folder in polars, pyarrow.dataset, DuckDB, HF ``datasets`` (split names from the folder names) and
+Ray Data; the manifest sits beside the table roots, not among the Parquet files.
+
 A rebuild writes a new build's files next to the old ones, switches ``manifest.json``, then deletes the
 old build's files. Readers that go through the manifest never see a mix; a plain glob of the split
 folders can see both builds while a rebuild is running (or after one crashed, until the rerun).
-```
-```
 The pack is planned in the driver from row counts and file sizes only, then each output shard is
 written by its own worker (Ray tasks on a Ray executor). A rebuild happens only when the per-shard
 corpus rows or the pack settings changed (the manifest's input fingerprint).
@@ -31,14 +34,22 @@ from tqdm import tqdm
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.provenance import extra_columns_arrays, extra_columns_schema, schema_description
 from ps3_engine.schemas import CORPUS_SCHEMA
+from ps3_engine.schemas.corpus import (
+    BOX_CONVENTION,
+    CORPUS_REGION_TYPE,
+    DATASET_PREFIX,
+    INPUT_COLUMNS_FIELD,
+    MANIFEST_KEY,
+)
 from ps3_engine.schemas.corpus import SCHEMA_VERSION as CORPUS_SCHEMA_VERSION
 from ps3_engine.stages.corpus import CorpusConfig
 
 logger = logging.getLogger(__name__)
 
-DATASET_PREFIX = "dataset"
-MANIFEST_KEY = f"{DATASET_PREFIX}/manifest.json"
+IMAGES_PREFIX = f"{DATASET_PREFIX}/images"
+PAIRS_PREFIX = f"{DATASET_PREFIX}/pairs"
 SPLITS = ("train", "validation")
 
 PAIRS_SCHEMA = pa.schema(
@@ -47,19 +58,26 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("split", pa.string(), nullable=False),
         pa.field("corpus_shard", pa.string(), nullable=False),
         pa.field("row_index", pa.int32(), nullable=False),
-        pa.field("region_id", pa.string(), nullable=False),
-        pa.field("x0", pa.int32(), nullable=False),
-        pa.field("y0", pa.int32(), nullable=False),
-        pa.field("x1", pa.int32(), nullable=False),
-        pa.field("y1", pa.int32(), nullable=False),
-        pa.field("caption", pa.string(), nullable=False),
+        *CORPUS_REGION_TYPE,  # region_id, x0, y0, x1, y1 (box convention in their metadata), caption
         pa.field("global_caption", pa.string()),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
+        CORPUS_SCHEMA.field("width"),
+        CORPUS_SCHEMA.field("height"),
+        CORPUS_SCHEMA.field("url"),
+        CORPUS_SCHEMA.field("source_list"),
     ],
-    metadata={"record_kind": "corpus_pair", "schema_version": str(CORPUS_SCHEMA_VERSION)},
+    metadata={
+        "record_kind": "corpus_pair",
+        "schema_version": str(CORPUS_SCHEMA_VERSION),
+        "box_convention": BOX_CONVENTION,
+    },
 )
+_PAIR_IMAGE_COLUMNS = ["image_id", "split", "regions", "global_caption", "width", "height", "url", "source_list"]
+
+
+def dataset_schema(extra: pa.Schema) -> pa.Schema:
+    """The packed images table's schema: ``CORPUS_SCHEMA``'s columns, then the input's extra columns."""
+    metadata = {**CORPUS_SCHEMA.metadata, b"extra_columns": json.dumps(extra.names).encode()}
+    return pa.schema([*CORPUS_SCHEMA, *extra], metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -79,14 +97,15 @@ class OutputShard:
     slices: list[RowSlice] = field(default_factory=list)
     estimated_bytes: float = 0.0
     build: str = ""
+    extra: pa.Schema = field(default_factory=lambda: pa.schema([]))  # the input's extra columns
 
     @property
     def key(self) -> str:
-        return f"{DATASET_PREFIX}/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
+        return f"{IMAGES_PREFIX}/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
 
     @property
     def pairs_key(self) -> str:
-        return f"{DATASET_PREFIX}/pairs/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
+        return f"{PAIRS_PREFIX}/{self.split}/shard-{self.build}-{self.index:05d}.parquet"
 
 
 @dataclass
@@ -115,8 +134,13 @@ def input_fingerprint(layout: RunLayout, config: CorpusConfig, fingerprints: dic
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def plan_pack(layout: RunLayout, target_bytes: int, build: str = "") -> list[OutputShard]:
-    """Assign input rows to output shards per split, in input order, by estimated bytes per row."""
+def plan_pack(
+    layout: RunLayout, target_bytes: int, build: str = "", source_lists: set[str] | None = None
+) -> list[OutputShard]:
+    """Assign input rows to output shards per split, in input order, by estimated bytes per row.
+
+    ``source_lists``, when given, collects the input lists the rows came from (for the extra columns).
+    """
     sizes = {obj.key: obj.size for obj in layout.storage.list("corpus/")}
     current: dict[str, OutputShard] = {}
     finished: list[OutputShard] = []
@@ -124,7 +148,10 @@ def plan_pack(layout: RunLayout, target_bytes: int, build: str = "") -> list[Out
         if entry.output_rows == 0:
             continue
         bytes_per_row = sizes.get(entry.output_key, 0) / entry.output_rows
-        splits = layout.storage.read_parquet(entry.output_key, columns=["split"]).column("split").to_pylist()
+        columns = layout.storage.read_parquet(entry.output_key, columns=["split", "source_list"])
+        if source_lists is not None:
+            source_lists.update(pc.unique(columns.column("source_list")).to_pylist())
+        splits = columns.column("split").to_pylist()
         for split in SPLITS:
             indices = [i for i, s in enumerate(splits) if s == split]
             start = 0
@@ -148,24 +175,21 @@ def plan_pack(layout: RunLayout, target_bytes: int, build: str = "") -> list[Out
 
 def pairs_view(table: pa.Table, corpus_shard: str) -> pa.Table:
     rows = []
-    for index, row in enumerate(
-        table.select(["image_id", "split", "regions", "global_caption", "width", "height", "source"]).to_pylist()
-    ):
-        for region in row["regions"]:
-            rows.append(
-                {
-                    "image_id": row["image_id"],
-                    "split": row["split"],
-                    "corpus_shard": corpus_shard,
-                    "row_index": index,
-                    **region,
-                    "global_caption": row["global_caption"],
-                    "width": row["width"],
-                    "height": row["height"],
-                    "source": row["source"],
-                }
-            )
+    for index, row in enumerate(table.select(_PAIR_IMAGE_COLUMNS).to_pylist()):
+        for region in row.pop("regions"):
+            rows.append({**row, "corpus_shard": corpus_shard, "row_index": index, **region})
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def _packed_rows(part: pa.Table, extra: pa.Schema) -> pa.Table:
+    """Per-shard corpus rows -> the dataset's columns: base columns cast, extra columns typed from JSON."""
+    base = part.select(CORPUS_SCHEMA.names).cast(CORPUS_SCHEMA)
+    if INPUT_COLUMNS_FIELD in part.column_names:
+        texts = part.column(INPUT_COLUMNS_FIELD).to_pylist()
+    else:  # rows written before the input columns were carried
+        texts = [None] * part.num_rows
+    arrays = [*base.columns, *(pa.chunked_array([a]) for a in extra_columns_arrays(texts, extra))]
+    return pa.Table.from_arrays(arrays, schema=dataset_schema(extra))
 
 
 def write_output_shard(storage: Storage, shard: OutputShard) -> dict[str, Any]:
@@ -173,7 +197,7 @@ def write_output_shard(storage: Storage, shard: OutputShard) -> dict[str, Any]:
     parts = []
     for piece in shard.slices:
         table = storage.read_parquet(piece.input_key)
-        parts.append(table.take(pa.array(piece.indices, pa.int64())).cast(CORPUS_SCHEMA))
+        parts.append(_packed_rows(table.take(pa.array(piece.indices, pa.int64())), shard.extra))
     table = pa.concat_tables(parts)
     checksum = storage.write_parquet_atomic(shard.key, table)
     pairs = pairs_view(table, shard.key)
@@ -184,7 +208,7 @@ def write_output_shard(storage: Storage, shard: OutputShard) -> dict[str, Any]:
         "rows": table.num_rows,
         "regions": pairs.num_rows,
         "global_captions": table.num_rows - table.column("global_caption").null_count,
-        "sources": dict(zip(*_value_counts(table.column("source")), strict=True)),
+        "sources": dict(zip(*_value_counts(table.column("source_list")), strict=True)),
         "sha256": checksum,
         "pairs_key": shard.pairs_key,
         "pairs_sha256": pairs_checksum,
@@ -211,8 +235,12 @@ def build_corpus(
         if previous.get("input_fingerprint") == fingerprint:
             logger.info("corpus: dataset is up to date (%s)", fingerprint)
             return CorpusResult(False, previous)
-    plan = plan_pack(layout, config.target_shard_bytes, build=fingerprint[:8])
-    logger.info("corpus: packing into %d shards", len(plan))
+    source_lists: set[str] = set()
+    plan = plan_pack(layout, config.target_shard_bytes, build=fingerprint[:8], source_lists=source_lists)
+    extra = extra_columns_schema(source_lists, storage.s3)
+    for shard in plan:
+        shard.extra = extra
+    logger.info("corpus: packing into %d shards (%d extra input columns)", len(plan), len(extra))
     if use_ray and plan:
         import ray
 
@@ -228,7 +256,7 @@ def build_corpus(
             write_output_shard(storage, shard)
             for shard in tqdm(plan, desc="corpus shards", unit="shard", disable=not progress)
         ]
-    manifest = _manifest(written, fingerprint, fingerprints, config)
+    manifest = _manifest(written, fingerprint, fingerprints, config, extra)
     # The manifest switches readers to the new build; only then do the old build's files go.
     storage.write_json_atomic(MANIFEST_KEY, manifest)
     keep = {s["key"] for s in written} | {s["pairs_key"] for s in written}
@@ -239,7 +267,11 @@ def build_corpus(
 
 
 def _manifest(
-    written: list[dict[str, Any]], fingerprint: str, fingerprints: dict[str, str], config: CorpusConfig
+    written: list[dict[str, Any]],
+    fingerprint: str,
+    fingerprints: dict[str, str],
+    config: CorpusConfig,
+    extra: pa.Schema | None = None,
 ) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     sources: dict[str, int] = {}
@@ -257,6 +289,9 @@ def _manifest(
         "input_fingerprint": fingerprint,
         "stage_fingerprints": fingerprints,
         "config": config.model_dump(mode="json"),
+        "tables": {"images": IMAGES_PREFIX, "pairs": PAIRS_PREFIX},
+        "box_convention": BOX_CONVENTION,
+        "extra_columns": schema_description(extra or pa.schema([])),
         "counts": counts,
         "sources": sources,
         "shards": written,

@@ -1,4 +1,4 @@
-"""Document pages -> corpus rows (``CORPUS_SCHEMA``, ``source_type="document"``, no global caption).
+"""Document pages -> corpus rows (``CORPUS_PART_SCHEMA``, ``source_type="document"``, no global caption).
 
 The paper samples one sentence per IDL page and one 15-word run per PDFA page at training time
 ([P2] App. A; the loader takes one pair per image per pass). The corpus keeps every pair of the chosen
@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ps3_engine.schemas import CORPUS_SCHEMA, rows_to_table
+from ps3_engine.schemas import rows_to_table
+from ps3_engine.schemas.corpus import CORPUS_PART_SCHEMA
 from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA
 from ps3_engine.stages.base import BatchResult, Resources, ShardContext, Stage, error_row, errors_table
 from ps3_engine.stages.corpus import split_for
@@ -58,7 +59,9 @@ def document_corpus_row(page: dict[str, Any], config: DocumentCorpusConfig) -> d
         "image_id": page["page_id"],
         "split": split_for(page["doc_sha256"], config.validation_fraction, config.split_salt),
         "source_type": SOURCE_TYPE,
-        "source": page["source_list"],
+        "url": page["source_ref"],
+        "final_url": page["final_url"],
+        "source_list": page["source_list"],
         "image_bytes": page["image_bytes"],
         "image_ref": None,
         "exif_orientation": 1,
@@ -68,13 +71,14 @@ def document_corpus_row(page: dict[str, Any], config: DocumentCorpusConfig) -> d
         "attribution": page["attribution"],
         "global_caption": None,
         "regions": regions,
+        "input_columns_json": page["metadata_json"],
     }
 
 
 def document_corpus_rows(page_rows: pa.Table, config: DocumentCorpusConfig) -> pa.Table:
-    """Map render-stage page rows to ``CORPUS_SCHEMA`` rows; pages left without regions are dropped."""
+    """Map render-stage page rows to ``CORPUS_PART_SCHEMA`` rows; pages left without regions are dropped."""
     rows = [document_corpus_row(page, config) for page in page_rows.to_pylist()]
-    return rows_to_table([r for r in rows if r is not None], CORPUS_SCHEMA)
+    return rows_to_table([r for r in rows if r is not None], CORPUS_PART_SCHEMA)
 
 
 class DocumentCorpusStage(Stage):
@@ -82,7 +86,7 @@ class DocumentCorpusStage(Stage):
 
     name: ClassVar[str] = "document-corpus"
     input_schema: ClassVar[pa.Schema] = DOCUMENT_PAGE_SCHEMA
-    output_schema: ClassVar[pa.Schema] = CORPUS_SCHEMA
+    output_schema: ClassVar[pa.Schema] = CORPUS_PART_SCHEMA
     config_model: ClassVar[type[BaseModel]] = DocumentCorpusConfig
     operational_fields: ClassVar[frozenset[str]] = frozenset({"batch_size", "max_workers"})
 
@@ -109,4 +113,4 @@ class DocumentCorpusStage(Stage):
                     category="filtered",
                 )
             )
-        return BatchResult(rows_to_table(rows, CORPUS_SCHEMA), errors_table(errors))
+        return BatchResult(rows_to_table(rows, CORPUS_PART_SCHEMA), errors_table(errors))

@@ -12,23 +12,27 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ps3_engine.infra.storage import Storage
+from ps3_engine.infra.storage import S3Settings, Storage
 from ps3_engine.pipeline.config import RunConfig, load_run_config
 from ps3_engine.pipeline.corpus import MANIFEST_KEY
 from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.provenance import extra_columns_arrays, extra_columns_schema, schema_description
 from ps3_engine.pipeline.runner import run_build_corpus, run_pipeline, stage_fingerprints
 from ps3_engine.pipeline.samples import write_scenes
-from ps3_engine.schemas.corpus import SCHEMA_VERSION
+from ps3_engine.schemas.corpus import CORPUS_SCHEMA, SCHEMA_VERSION
 from ps3_engine.stages.captioning.hygiene import clean_caption, strip_boilerplate
-from ps3_engine.stages.corpus import split_for
+from ps3_engine.stages.corpus import split_for, upright_image_bytes
+from tests.support.corpus_run import UPRIGHT_SIZE, ProvenanceRun, build_provenance_run
 
 NUM_SCENES = 6
 VALIDATION_FRACTION = 0.34
@@ -95,7 +99,7 @@ def captioned(scenes, tiny_captioner, tmp_path_factory) -> Run:
 
 
 def shard_files(root: Path) -> list[Path]:
-    return sorted((root / "dataset").glob("*/shard-*.parquet"))
+    return sorted((root / "dataset" / "images").glob("*/shard-*.parquet"))
 
 
 def dataset_files(root: Path) -> set[str]:
@@ -115,23 +119,26 @@ def manifest(root: Path) -> dict:
     return json.loads((root / MANIFEST_KEY).read_text())
 
 
-def test_polars_pyarrow_ray_and_hf_datasets_read_the_same_dataset(captioned, ray_local, tmp_path):
+def test_polars_pyarrow_ray_and_hf_datasets_load_the_images_folder(captioned, ray_local, tmp_path):
     import datasets
 
     root = captioned.root
-    files = [str(p) for p in shard_files(root)]
-    assert {Path(f).parent.name for f in files} == {"train", "validation"}
+    images = root / "dataset" / "images"
+    assert {p.parent.name for p in shard_files(root)} == {"train", "validation"}
+    assert sorted(p.name for p in (root / "dataset").iterdir()) == ["images", "manifest.json", "pairs"]
 
-    frame = pl.read_parquet(str(root / "dataset" / "*" / "shard-*.parquet"))
+    frame = pl.read_parquet(str(images / "**" / "*.parquet"))
     by_polars = dict(zip(frame["image_id"], frame["regions"].list.len(), strict=True))
-    splits = [pads.dataset(str(root / "dataset" / s), format="parquet") for s in ("train", "validation")]
-    table = pads.dataset(splits).to_table()
+    table = pads.dataset(str(images), format="parquet").to_table()
     by_arrow = regions_per_image(table.select(["image_id", "regions"]).to_pylist())
-    by_ray = regions_per_image(ray_local.data.read_parquet(files).take_all())
-    hf = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    by_hf = regions_per_image(hf.select_columns(["image_id", "regions"]))
+    ray_images = ray_local.data.read_parquet(str(images))
+    by_ray = regions_per_image(ray_images.take_all())
+    # Split names come from the folder names; the manifest beside the folder is not read as data.
+    hf = datasets.load_dataset(str(images), cache_dir=str(tmp_path / "hf"))
+    assert set(hf) == {"train", "validation"}
+    by_hf = regions_per_image([row for split in hf.values() for row in split.select_columns(["image_id", "regions"])])
 
-    assert len(by_polars) == frame.height == NUM_SCENES
+    assert len(by_polars) == frame.height == NUM_SCENES == ray_images.count() == table.num_rows
     assert by_arrow == by_polars and by_ray == by_polars and by_hf == by_polars
     assert all(n >= 1 for n in by_polars.values())
     assert sum(by_polars.values()) == sum(s["regions"] for s in manifest(root)["counts"].values())
@@ -149,7 +156,8 @@ def test_every_row_has_boxes_inside_clean_captions_and_its_hash_split(captioned)
     assert {r["image_id"] for r in rows} == expected_ids
     for row in rows:
         assert row["split"] == split_for(row["image_id"], VALIDATION_FRACTION, "ps3")
-        assert row["source"] == str(captioned.folder) and row["source_type"] == "natural"
+        assert row["source_list"] == str(captioned.folder) and row["source_type"] == "natural"
+        assert Path(row["url"]).parent == captioned.folder and row["final_url"] is None  # a file, not HTTP
         with Image.open(io.BytesIO(row["image_bytes"])) as image:
             assert image.size == (row["width"], row["height"])
         assert row["global_caption"] == captions[(row["image_id"], None)]
@@ -186,7 +194,7 @@ def test_manifest_counts_match_the_shards_and_pairs_point_back(captioned):
     tables = {str(p.relative_to(root)): pq.read_table(p) for p in shard_files(root)}
     assert {s["key"] for s in found["shards"]} == set(tables)
     for split in ("train", "validation"):
-        mine = [t for key, t in tables.items() if key.startswith(f"dataset/{split}/")]
+        mine = [t for key, t in tables.items() if key.startswith(f"dataset/images/{split}/")]
         counts = found["counts"][split]
         assert counts["images"] == sum(t.num_rows for t in mine) > 0
         assert counts["regions"] == sum(len(r) for t in mine for r in t.column("regions").to_pylist())
@@ -203,7 +211,8 @@ def test_manifest_counts_match_the_shards_and_pairs_point_back(captioned):
         assert (image["image_id"], image["split"]) == (pair["image_id"], pair["split"])
         region = {k: pair[k] for k in ("region_id", "x0", "y0", "x1", "y1", "caption")}
         assert region in image["regions"]
-        assert (pair["width"], pair["height"], pair["source"]) == (image["width"], image["height"], image["source"])
+        pair_image = (pair["width"], pair["height"], pair["url"], pair["source_list"])
+        assert pair_image == (image["width"], image["height"], image["url"], image["source_list"])
     assert len({(p["image_id"], p["region_id"]) for p in pairs}) == len(pairs)
 
 
@@ -230,7 +239,7 @@ def test_smaller_target_repacks_and_stale_shards_are_deleted(captioned, tmp_path
     assert regions_per_image(corpus_rows(root)) == images
     listed = {s["key"] for s in packed["shards"]} | {s["pairs_key"] for s in packed["shards"]}
     assert dataset_files(root) == listed
-    assert any(k.startswith("dataset/train/shard-") and k.endswith("-00001.parquet") for k in listed)
+    assert any(k.startswith("dataset/images/train/shard-") and k.endswith("-00001.parquet") for k in listed)
 
     large = run_build_corpus(config)  # back to the default target: one shard per split
     assert large.dataset["rebuilt"] is True
@@ -318,7 +327,7 @@ def test_s3_run_root_gives_a_dataset_polars_reads_with_storage_options(captioned
     assert all(r.failed_shards == [] for r in results) and results[-1].dataset["rebuilt"] is True
     storage = Storage(config.run_root, config.s3)
     frame = pl.read_parquet(
-        storage.uri("dataset") + "/*/shard-*.parquet", storage_options=storage.polars_storage_options()
+        storage.uri("dataset/images") + "/*/shard-*.parquet", storage_options=storage.polars_storage_options()
     )
     local = {r["image_id"]: r for r in corpus_rows(captioned.root)}
     expected = {hashlib.sha256(p.read_bytes()).hexdigest() for p in subset.glob("*.jpg")}
@@ -336,3 +345,113 @@ def test_s3_run_root_gives_a_dataset_polars_reads_with_storage_options(captioned
     assert len(shards) == 2
     listed = {o.key for o in storage.list("dataset/") if o.key.endswith(".parquet")}
     assert listed == {s["key"] for s in shards} | {s["pairs_key"] for s in shards}
+
+
+# -- provenance and orientation (a Parquet URL list over loopback HTTP, with a rotated photo) -------
+@pytest.fixture(scope="module")
+def provenance_run(tiny_captioner, tmp_path_factory) -> ProvenanceRun:
+    return build_provenance_run(tmp_path_factory.getbasetemp() / "provenance-run", tiny_captioner)
+
+
+def _rows_by_name(run: ProvenanceRun) -> dict[str, dict]:
+    rows = corpus_rows(run.root)
+    return {PurePosixPath(r["final_url"]).name: r for r in rows}
+
+
+def test_corpus_rows_carry_the_url_licence_and_the_input_columns_by_name(provenance_run):
+    run = provenance_run
+    rows = _rows_by_name(run)
+    assert set(rows) == set(run.rows)
+    for name, row in rows.items():
+        listed = run.rows[name]
+        assert row["url"] == listed["url"] and row["source_list"] == str(run.list_path)
+        assert (row["license"], row["attribution"]) == (listed["license"], listed["author"])
+        assert (row["alt_text"], row["tags"]) == (listed["alt_text"], listed["tags"])
+        assert row["input_width"] == listed["width"]  # "width" clashes with the corpus column
+        assert row["score"] == pytest.approx(listed["score"])
+        assert row["taken_at"] == (None if listed["taken_at"] is None else str(listed["taken_at"]))
+    assert rows["rotated.jpg"]["url"].endswith("/moved/rotated.jpg")  # listed behind a redirect
+    assert rows["rotated.jpg"]["final_url"] == rows["rotated.jpg"]["url"].replace("/moved/", "/")
+    assert rows["plain.jpg"]["final_url"] == rows["plain.jpg"]["url"]
+
+    schema = pq.read_schema(shard_files(run.root)[0])
+    assert schema.names[: len(CORPUS_SCHEMA)] == CORPUS_SCHEMA.names
+    extra = {f.name: f for f in list(schema)[len(CORPUS_SCHEMA) :]}
+    assert list(extra) == ["alt_text", "score", "tags", "input_width", "taken_at"]
+    assert (extra["score"].type, extra["tags"].type) == (pa.float32(), pa.list_(pa.string()))
+    assert extra["input_width"].type == pa.int16() and extra["input_width"].metadata[b"input_column"] == b"width"
+    assert extra["taken_at"].type == pa.string()  # JSON carries timestamps as text; the declared type is kept
+    assert extra["taken_at"].metadata[b"declared_type"].startswith(b"timestamp")
+    described = {c["name"]: c for c in manifest(run.root)["extra_columns"]}
+    assert list(described) == list(extra) and described["input_width"]["input_column"] == "width"
+    assert described["score"]["source_lists"] == [str(run.list_path)]
+    assert manifest(run.root)["box_convention"] == CORPUS_SCHEMA.metadata[b"box_convention"].decode()
+    box_field = CORPUS_SCHEMA.field("regions").type.value_type.field("x1")
+    assert box_field.metadata[b"interval"] == b"half-open" and box_field.metadata[b"frame"] == b"upright"
+
+
+def _mean_difference(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a.convert("RGB"), np.float32) - np.asarray(b.convert("RGB"), np.float32)).mean())
+
+
+def test_an_orientation_6_photo_is_stored_upright_and_its_boxes_land_on_the_planted_object(provenance_run):
+    run = provenance_run
+    row = _rows_by_name(run)["rotated.jpg"]
+    original = (run.list_path.parent / "rotated.jpg").read_bytes()
+    with Image.open(io.BytesIO(original)) as raw:
+        assert raw.size == UPRIGHT_SIZE[::-1] and raw.getexif()[0x0112] == 6  # precondition: stored sideways
+    loaded = Image.open(io.BytesIO(row["image_bytes"]))  # no transpose: the bytes are upright
+    assert loaded.size == (row["width"], row["height"]) == UPRIGHT_SIZE
+    assert loaded.getexif().get(0x0112, 1) == 1 and row["exif_orientation"] == 1
+    assert _mean_difference(loaded, run.upright) < 4  # re-encoded at quality 95: visually the same
+    (planted,) = run.planted
+    centre = ((planted[0] + planted[2]) // 2, (planted[1] + planted[3]) // 2)
+    hits = [r for r in row["regions"] if r["x0"] <= centre[0] < r["x1"] and r["y0"] <= centre[1] < r["y1"]]
+    assert hits, (planted, row["regions"])
+    for region in row["regions"]:
+        box = (region["x0"], region["y0"], region["x1"], region["y1"])
+        assert _mean_difference(loaded.crop(box), run.upright.crop(box)) < 6, box
+    # The same box on the original (sideways) pixels shows something else: the check above has teeth.
+    box = (hits[0]["x0"], hits[0]["y0"], hits[0]["x1"], hits[0]["y1"])
+    with Image.open(io.BytesIO(original)) as raw:
+        assert _mean_difference(raw.crop(box), run.upright.crop(box)) > 20
+
+
+def test_upright_re_encoding_keeps_png_lossless_and_resets_the_orientation():
+    upright = Image.effect_noise((64, 48), 80).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_270).save(buffer, "PNG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(upright_image_bytes(buffer.getvalue()))) as fixed:
+        assert fixed.format == "PNG" and fixed.getexif().get(0x0112, 1) == 1
+        assert np.array_equal(np.asarray(fixed), np.asarray(upright))
+
+
+# -- extra columns: declared types, unification, clashes -------------------------------------------
+def test_extra_columns_take_the_lists_declared_types(tmp_path):
+    first, second, text = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.csv"
+    pq.write_table(pa.table({"URL": ["u"], "n": pa.array([1], pa.int32()), "image_id": ["x"], "Licence": ["l"]}), first)
+    pq.write_table(pa.table({"url": ["u"], "n": pa.array([2], pa.int64()), "blob": pa.array([b"\x00"])}), second)
+    text.write_text("image_url,caption,k\nhttp://x/a.jpg,a cat,3\n")
+    lists = [str(first), str(second)]
+    schema = extra_columns_schema([*lists, str(text), str(tmp_path)], S3Settings())  # a folder adds none
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("n", "int64"),  # int32 and int64 unify
+        ("input_image_id", "string"),  # clashes with the corpus column
+        ("blob", "string"),  # binary does not survive JSON: stored as text
+        ("caption", "string"),  # CSV declares no types
+        ("k", "string"),
+    ]
+    described = {c["name"]: c for c in schema_description(schema)}
+    assert described["blob"]["declared_type"] == "binary" and described["input_image_id"]["input_column"] == "image_id"
+    assert described["n"]["source_lists"] == sorted(lists)
+    text.write_text("url,n\nhttp://x/a.jpg,3\n")
+    mixed = extra_columns_schema([*lists, str(text)], S3Settings()).field("n")
+    assert mixed.type == pa.string()  # int and text do not unify: stored as text
+
+
+def test_values_that_do_not_fit_their_column_become_null():
+    schema = pa.schema([pa.field("n", pa.int32(), metadata={"input_column": "n"})])
+    (column,) = extra_columns_arrays(['{"n": 1}', '{"n": "many"}', "{}", None], schema)
+    assert column.to_pylist() == [1, None, None, None]

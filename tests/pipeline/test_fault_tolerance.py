@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 
 NUM_SCENES = 4
 SHARD_STAGES = ("crawl", "segment", "caption", "corpus")
-DATASET_SHARD = re.compile(r"^dataset/(train|validation)/shard-[0-9a-f]+-\d+\.parquet$")
+DATASET_SHARD = re.compile(r"^dataset/images/(train|validation)/shard-[0-9a-f]+-\d+\.parquet$")
 ROW_COLUMNS = ["image_id", "split", "regions", "global_caption"]
 CAPTION_ACTOR_AT_WORK = "ray::MapWorker(MapBatches(ShardWorker)).submit"  # idle: no ".submit"
 SEGMENT_TASK_AT_WORK = "ray::MapBatches(_run_tasks_once)"  # idle: "ray::IDLE"

@@ -25,12 +25,12 @@ from ps3_engine.pipeline.executor import ExecutorConfig, make_executor
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.shard_runner import StageSpec
 from ps3_engine.schemas import (
-    CORPUS_SCHEMA,
     CRAWL_ITEM_SCHEMA,
     check_model_matches_schema,
     records_to_table,
     rows_to_table,
 )
+from ps3_engine.schemas.corpus import CORPUS_PART_SCHEMA
 from ps3_engine.schemas.document import DOCUMENT_PAGE_SCHEMA, DocumentPage, DocumentRegion
 from ps3_engine.stages.base import ShardContext
 from ps3_engine.stages.corpus import CorpusConfig
@@ -302,7 +302,7 @@ def test_planned_folder_runs_on_the_local_executor_into_corpus_rows(two_pages, t
     assert pages.num_rows == 3 and [e["reason"] for e in errors] == ["broken_pdf"]
 
     rows = document_corpus_rows(pages, DocumentCorpusConfig())
-    assert rows.schema.equals(CORPUS_SCHEMA, check_metadata=True)
+    assert rows.schema.equals(CORPUS_PART_SCHEMA, check_metadata=True)
     assert set(rows.column("source_type").to_pylist()) == {"document"}
     assert rows.column("global_caption").null_count == rows.num_rows
     first = rows.to_pylist()[0]
@@ -451,7 +451,7 @@ def test_run_with_documents_only_builds_a_document_corpus(tmp_path, capsys):
     assert main([*argv, "--set", "executor.progress=false", "--set", "corpus.validation_fraction=0.0"]) == 0
     out = capsys.readouterr().out
     assert "[render]" in out and "'broken_pdf': 1" in out and "[dataset] train:" in out
-    frame = pl.read_parquet(str(run_root / "dataset" / "train" / "*.parquet"))
+    frame = pl.read_parquet(str(run_root / "dataset" / "images" / "train" / "*.parquet"))
     assert set(frame["source_type"]) == {"document"} and frame["global_caption"].null_count() == frame.height
     assert all(len(regions) > 0 for regions in frame["regions"])
     assert main(["status", str(run_root), "--check"]) == 0

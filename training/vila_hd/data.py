@@ -190,7 +190,7 @@ class GroundedSampleMaker:
                     VilaHDSample(
                         sample_id=f"{region['region_id']}-{kind}",
                         kind=kind,
-                        source=row["source"],
+                        source=row["source_list"],
                         width=row["width"],
                         height=row["height"],
                         turns=turns,
