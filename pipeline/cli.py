@@ -1,15 +1,31 @@
-"""``ps3-engine``: the stage-level command line of the PS3 data engine."""
+"""``ps3-engine``: the stage-level command line of the PS3 data engine.
+
+Run ``ps3-engine --help`` for the commands; ``ps3-engine config show --defaults`` for every config key.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from ps3_engine.pipeline.cli_errors import (
+    ShortErrorParser,
+    check_overrides,
+    describe_config_error,
+    storage_error_message,
+    yaml_problem,
+)
 from ps3_engine.pipeline.config import ConfigError, RunConfig, load_run_config
+from ps3_engine.pipeline.logs import JsonLogFormatter, attach_run_log, configure_logging, current_run_log
 from ps3_engine.pipeline.runner import (
     STAGE_ORDER,
     StageRunResult,
@@ -20,9 +36,10 @@ from ps3_engine.pipeline.runner import (
     run_render,
     run_segment,
 )
-from ps3_engine.pipeline.status import run_status
+from ps3_engine.pipeline.status import describe_stage, run_status
 
 logger = logging.getLogger("ps3-engine")
+__all__ = ["JsonLogFormatter", "build_parser", "main"]
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +61,44 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", help="address of a running Ray cluster (default: RAY_ADDRESS or local)")
 
 
+def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=STAGE_ORDER,
+        metavar="STAGE",
+        help="recompute every shard of STAGE and of the stages after it (repeatable)",
+    )
+
+
+def _add_run_root(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    """``RUN`` and/or ``--run-root RUN``: the README gives every command --run-root."""
+    if positional:
+        parser.add_argument("run", nargs="?", help="run root (local folder or s3://bucket/prefix)")
+    parser.add_argument("--run-root", dest="run_root_option", help="run root (same as RUN)")
+
+
+def _run_root(args: argparse.Namespace) -> str:
+    positional, option = getattr(args, "run", None), args.run_root_option
+    if positional and option and positional != option:
+        raise ConfigError(f"two run roots given ({positional} and --run-root {option}); give one")
+    if not (positional or option):
+        raise ConfigError(f"{args.command} needs a run root: ps3-engine {args.command} RUN (or --run-root RUN)")
+    return positional or option
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ps3-engine")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
+    """The resolved run config of a command (file, run snapshot, --set, options); attaches the run log."""
+    check_overrides(args.overrides)
     overrides = list(args.overrides)
     if args.executor:
         overrides.append(f"executor.kind={args.executor}")
@@ -56,7 +110,14 @@ def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
         base = _existing_snapshot(args.run_root)
         if base is not None:
             logger.info("using the config snapshot of %s (run.json); --set overrides apply on top", args.run_root)
-    return load_run_config(args.config, overrides, base=base, run_root=args.run_root, **extra)
+    try:
+        config = load_run_config(args.config, overrides, base=base, run_root=args.run_root, **extra)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{args.config}: not valid YAML: {yaml_problem(exc)}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {args.config} is a folder; give a YAML file (see configs/)") from None
+    attach_run_log(config.run_root)
+    return config
 
 
 def _existing_snapshot(run_root: str) -> dict | None:
@@ -89,15 +150,98 @@ def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
                 )
             print(f"[dataset] at {result.dataset['root']} (manifest.json, pairs/)")
     print(f"run root: {config.run_root} (summary.json, run.json)")
+    log = current_run_log()
+    if log is not None:
+        print(f"log: {log}")
     return 1 if any(r.failed_shards for r in results) else 0
 
 
-def cmd_crawl(args: argparse.Namespace) -> int:
-    if args.retry_failed:
+@dataclass(frozen=True)
+class StageCommand:
+    """One stage sub-command: ``ps3-engine NAME [run options] [--input SRC ...] [--force]``."""
+
+    name: str
+    runner: Callable[..., StageRunResult]
+    help: str
+    description: str
+    input_field: str | None = None  # the RunConfig list that --input fills
+    input_help: str = ""
+
+
+STAGE_COMMANDS = (
+    StageCommand(
+        "crawl",
+        run_crawl,
+        "download and validate images into image shards",
+        "Crawl URL lists (.txt/.csv/.parquet with a url column and optional metadata), local folders and S3 "
+        "prefixes into validated, deduplicated image shards. Rerunning skips shards that are complete and fresh.",
+        "sources",
+        "a source: URL list, folder or s3:// prefix (repeatable)",
+    ),
+    StageCommand(
+        "segment",
+        run_segment,
+        "propose the PS3 salient boxes of each crawled image (SAM2 or classical)",
+        "Segment every crawled image (segment.backend: 'sam2' with a checkpoint, or the weight-free "
+        "'classical' default), score the candidate box grid with the PS3 rule and keep the top-k "
+        "non-overlapping boxes per image.",
+    ),
+    StageCommand(
+        "caption",
+        run_caption,
+        "caption every region crop (and each image) with a multimodal LLM",
+        "Crop every selected box from its full-resolution image and caption it with the paper's "
+        "two-image prompt (global image, crop), plus one global caption per image. caption.backend: "
+        "'vllm' (GPU, production), 'openai' (any OpenAI-compatible endpoint) or 'transformers' (CPU/GPU). "
+        "Outputs are cleaned; empty, truncated, refused and degenerate captions go to the errors table.",
+    ),
+    StageCommand(
+        "render",
+        run_render,
+        "document branch: rasterise PDF pages and take text-region captions from the text layer or OCR",
+        "Render the PDFs of URL lists, folders or S3 prefixes at render.dpi (paper: 150) with page "
+        "count/size caps, and turn their text into (box, caption) pairs: sentences and runs of 15 consecutive "
+        "words, boxes in rendered-page pixels; tesseract OCR for pages without a text layer. build-corpus "
+        "then adds the pages to the corpus with source_type 'document' (no global caption).",
+        "document_sources",
+        "a PDF source: list, folder or s3:// prefix (repeatable)",
+    ),
+    StageCommand(
+        "build-corpus",
+        run_build_corpus,
+        "write training-ready corpus shards (image + boxes + captions)",
+        "Join images, boxes and cleaned captions into one row per image, split train/validation "
+        "by image hash, pack into Parquet shards of about corpus.target_shard_bytes under <run>/dataset/, "
+        "with a flat (box, caption) pairs view and dataset/manifest.json (counts, sources, fingerprints).",
+    ),
+)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage over a run root (the command's row of STAGE_COMMANDS says which)."""
+    command: StageCommand = args.stage_command
+    if getattr(args, "retry_failed", None):
+        check_overrides(args.overrides)
         config = load_run_config(None, list(args.overrides), **_snapshot_config(args.retry_failed))
+        attach_run_log(config.run_root)
         return _print_results(config, [run_crawl(config, retry_failed=True)])
-    config = _load(args, sources=args.input or None)
-    return _print_results(config, [run_crawl(config, force=args.force)])
+    fields = {command.input_field: args.input or None} if command.input_field else {}
+    config = _load(args, **fields)
+    return _print_results(config, [command.runner(config, force=args.force)])
+
+
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    for command in STAGE_COMMANDS:
+        parser = sub.add_parser(command.name, help=command.help, description=command.description)
+        _add_run_options(parser)
+        if command.input_field:
+            parser.add_argument("--input", action="append", help=command.input_help)
+        if command.name == "crawl":
+            parser.add_argument(
+                "--retry-failed", metavar="RUN", help="retry only the items of RUN whose recorded failure is transient"
+            )
+        parser.add_argument("--force", action="store_true", help="recompute every shard of this stage")
+        parser.set_defaults(func=cmd_stage, stage_command=command)
 
 
 def _snapshot_config(run_root: str) -> dict:
@@ -107,21 +251,6 @@ def _snapshot_config(run_root: str) -> dict:
     if not storage.exists("run.json"):
         raise ConfigError(f"{run_root} has no run.json: is it a run root?")
     return {**storage.read_json("run.json")["config"], "run_root": run_root}
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    config = _load(args)
-    return _print_results(config, [run_segment(config, force=args.force)])
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    config = _load(args)
-    return _print_results(config, [run_caption(config, force=args.force)])
-
-
-def cmd_render(args: argparse.Namespace) -> int:
-    config = _load(args, document_sources=args.input or None)
-    return _print_results(config, [run_render(config, force=args.force)])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -149,7 +278,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from ps3_engine.pipeline.lineage import trace_region
 
     try:
-        trace = trace_region(RunLayout(Storage(args.run_root)), args.region_id)
+        trace = trace_region(RunLayout(Storage(_run_root(args))), args.region_id)
     except KeyError as exc:
         print(f"ps3-engine: error: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -157,15 +286,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_corpus(args: argparse.Namespace) -> int:
-    config = _load(args)
-    return _print_results(config, [run_build_corpus(config, force=args.force)])
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    run_root = _run_root(args)
     if args.check:
-        return _check(args.run)
-    status = run_status(args.run)
+        return _check(run_root)
+    status = run_status(run_root)
     if args.json:
         print(
             json.dumps(
@@ -173,17 +298,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"run root: {args.run}")
+    print(f"run root: {run_root}")
     for stage in STAGE_ORDER:
         entry = status["stages"].get(stage)
-        if entry is None:
-            print(f"  {stage:13s} no shards")
-            continue
-        print(
-            f"  {stage:13s} shards {entry.done} done, {entry.stale} stale, {entry.missing} missing, "
-            f"{entry.failed} failed (of {entry.planned}); rows {entry.rows}; errors {entry.error_rows} "
-            f"{entry.errors_by_reason}"
-        )
+        print(f"  {stage:13s} " + (describe_stage(entry) if entry is not None else "not run"))
     return 0
 
 
@@ -191,11 +309,18 @@ def _check(run_root: str) -> int:
     from ps3_engine.infra.storage import Storage
     from ps3_engine.pipeline.conservation import check_run
     from ps3_engine.pipeline.layout import RunLayout
+    from ps3_engine.pipeline.verify import verify_run
 
     storage = Storage(run_root)
     if not storage.exists("run.json"):
         raise FileNotFoundError(f"{run_root} is not a run root (no run.json)")
     global_captions = storage.read_json("run.json")["config"].get("caption", {}).get("global_captions", True)
+    damaged = verify_run(RunLayout(storage))
+    for gap in damaged:
+        print(f"DAMAGED {gap.examples[0]}")
+    if damaged:  # conservation needs readable files; a rerun of the stages recomputes these shards
+        print(f"integrity check of {run_root}: {len(damaged)} damaged files; rerun the stages to recompute them")
+        return 1
     gaps = check_run(RunLayout(storage), global_captions=global_captions)
     for gap in gaps:
         print(f"GAP {gap.describe()}")
@@ -303,17 +428,34 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ps3_engine.pipeline.report import build_report, write_report
 
+    run_root = _run_root(args)
+    options = {"samples": args.samples, "errors_per_reason": args.errors_per_reason}
     if args.out:
-        Path(args.out).write_text(build_report(args.run, samples=args.samples))
+        Path(args.out).write_text(build_report(run_root, **options))
         print(f"report: {args.out}")
     else:
-        print(f"report: {write_report(args.run, samples=args.samples)}")
+        print(f"report: {write_report(run_root, **options)}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config (or the defaults) as YAML, every key included."""
+    if args.defaults:
+        # run_root has no default; a placeholder lets the rest validate, and the output says so.
+        data = RunConfig.model_validate({"run_root": "RUN_ROOT"}).model_dump(mode="json")
+        data["run_root"] = None
+        print("# ps3-engine defaults; run_root is required (--run-root or run_root in the config file)")
+    else:
+        data = _load(args).model_dump(mode="json")
+    print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ps3_engine.pipeline.demo import run_demo
 
+    check_overrides(args.overrides)
+    attach_run_log(str(Path(args.out).resolve() / "run"))  # where run_demo puts its run root
     config, results = run_demo(Path(args.out), args.images, args.executor or "ray", args.overrides)
     return _print_results(config, results)
 
@@ -331,12 +473,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog="ps3-engine",
         description="PS3 data engine: crawl high-res images, segment salient regions, caption them, "
         "and build the region-caption corpus, as Ray Data stages over a local or S3 run root.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ps3-engine {_version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and Ray's own log lines on the console"
+    )
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -345,67 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    crawl = sub.add_parser(
-        "crawl",
-        help="download and validate images into image shards",
-        description="Crawl URL lists (.txt/.csv/.parquet with a url column and optional "
-        "metadata), local folders and S3 prefixes into validated, deduplicated image shards. "
-        "Rerunning skips shards that are complete and fresh.",
-    )
-    _add_run_options(crawl)
-    crawl.add_argument("--input", action="append", help="a source: URL list, folder or s3:// prefix (repeatable)")
-    crawl.add_argument(
-        "--retry-failed", metavar="RUN", help="retry only the items of RUN whose recorded failure is transient"
-    )
-    crawl.add_argument("--force", action="store_true", help="recompute every shard of this stage")
-    crawl.set_defaults(func=cmd_crawl)
-
-    segment = sub.add_parser(
-        "segment",
-        help="propose the PS3 salient boxes of each crawled image (SAM2 or classical)",
-        description="Segment every crawled image (segment.backend: 'sam2' with a checkpoint, or the weight-free "
-        "'classical' default), score the candidate box grid with the PS3 rule and keep the top-k "
-        "non-overlapping boxes per image.",
-    )
-    _add_run_options(segment)
-    segment.add_argument("--force", action="store_true", help="recompute every shard of this stage")
-    segment.set_defaults(func=cmd_segment)
-
-    caption = sub.add_parser(
-        "caption",
-        help="caption every region crop (and each image) with a multimodal LLM",
-        description="Crop every selected box from its full-resolution image and caption it with the paper's "
-        "two-image prompt (global image, crop), plus one global caption per image. caption.backend: "
-        "'vllm' (GPU, production), 'openai' (any OpenAI-compatible endpoint) or 'transformers' (CPU/GPU). "
-        "Outputs are cleaned; empty, truncated, refused and degenerate captions go to the errors table.",
-    )
-    _add_run_options(caption)
-    caption.add_argument("--force", action="store_true", help="recompute every shard of this stage")
-    caption.set_defaults(func=cmd_caption)
-
-    render = sub.add_parser(
-        "render",
-        help="document branch: rasterise PDF pages and take text-region captions from the text layer or OCR",
-        description="Render the PDFs of URL lists, folders or S3 prefixes at render.dpi (paper: 150) with page "
-        "count/size caps, and turn their text into (box, caption) pairs: sentences and runs of 15 consecutive "
-        "words, boxes in rendered-page pixels; tesseract OCR for pages without a text layer. build-corpus "
-        "then adds the pages to the corpus with source_type 'document' (no global caption).",
-    )
-    _add_run_options(render)
-    render.add_argument("--input", action="append", help="a PDF source: list, folder or s3:// prefix (repeatable)")
-    render.add_argument("--force", action="store_true", help="recompute every shard of this stage")
-    render.set_defaults(func=cmd_render)
-
-    corpus = sub.add_parser(
-        "build-corpus",
-        help="write training-ready corpus shards (image + boxes + captions)",
-        description="Join images, boxes and cleaned captions into one row per image, split train/validation "
-        "by image hash, pack into Parquet shards of about corpus.target_shard_bytes under <run>/dataset/, "
-        "with a flat (box, caption) pairs view and dataset/manifest.json (counts, sources, fingerprints).",
-    )
-    _add_run_options(corpus)
-    corpus.add_argument("--force", action="store_true", help="recompute every shard of this stage")
-    corpus.set_defaults(func=cmd_build_corpus)
+    _add_stage_commands(sub)
 
     run = sub.add_parser(
         "run",
@@ -414,16 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         "are skipped, so rerunning after a crash only computes what is missing or stale.",
     )
     _add_run_options(run)
-    run.add_argument("--input", action="append", help="a crawl source (repeatable)")
+    _add_pipeline_options(run)
     run.add_argument("--documents", action="append", help="a PDF source for the document branch (repeatable)")
-    run.add_argument(
-        "--force",
-        action="append",
-        default=[],
-        choices=STAGE_ORDER,
-        metavar="STAGE",
-        help="recompute every shard of STAGE and of the stages after it (repeatable)",
-    )
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser(
@@ -433,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun would compute and why: missing, config changed, input changed, upstream shard recomputes, forced.",
     )
     _add_run_options(plan)
-    plan.add_argument("--input", action="append", help="a crawl source (repeatable)")
-    plan.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, metavar="STAGE")
+    _add_pipeline_options(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output, per shard")
     plan.set_defaults(func=cmd_plan)
 
@@ -445,15 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt version and sampling, its corpus split and dataset shard, and each step's config fingerprint.",
     )
     trace.add_argument("region_id")
-    trace.add_argument("--run-root", required=True, help="run root (local folder or s3://bucket/prefix)")
+    _add_run_root(trace, positional=False)
     trace.set_defaults(func=cmd_trace)
 
     status = sub.add_parser(
         "status",
         help="per-stage shards done/stale/missing/failed, rows and errors",
-        description="Show what a run root holds, read from its manifests.",
+        description="Show what a run root holds, read from its manifests and in-progress records: per stage "
+        "done, running, partial, interrupted, stale, failed or not run.",
     )
-    status.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
+    _add_run_root(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--check",
@@ -469,10 +546,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render a self-contained HTML page (embedded thumbnails and SVG plots) to "
         "<run>/report/index.html, or to --out.",
     )
-    report.add_argument("run", help="run root (local folder or s3://bucket/prefix)")
+    _add_run_root(report)
     report.add_argument("--out", help="write the page to this local file instead of the run root")
     report.add_argument("--samples", type=int, default=6, help="number of sample images")
+    report.add_argument("--errors-per-reason", type=int, default=5, help="failed/filtered items listed per reason")
     report.set_defaults(func=cmd_report)
+
+    config = sub.add_parser(
+        "config",
+        help="show the resolved run config with every key, or the defaults",
+        description="'config show' prints the config a command with the same options would run with "
+        "(--config file, the run's snapshot, --set overrides), every key included; --defaults prints the "
+        "built-in defaults.",
+    )
+    actions = config.add_subparsers(dest="config_action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="print the resolved config as YAML")
+    _add_run_options(show)
+    show.add_argument("--defaults", action="store_true", help="the built-in defaults (ignores the other options)")
+    show.set_defaults(func=cmd_config_show)
 
     submit = sub.add_parser(
         "submit",
@@ -556,40 +647,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message (+ exception text)."""
+def _first_lines(text: str, limit: int = 2) -> str:
+    """At most ``limit`` lines of a message (the run log has the rest)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[:limit]) + (" ..." if len(lines) > limit else "")
 
-    def format(self, record: logging.LogRecord) -> str:
-        payload = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "process": record.process,
-        }
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload)
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (ps3-engine status R | head -1): not an error. Python's docs: point stdout
+        # at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ConfigError as exc:
+        print(f"ps3-engine: error: {_first_lines(describe_config_error(exc))}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ps3-engine: error: {_first_lines(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        logger.debug("storage failure", exc_info=True)
+        log = current_run_log()
+        print(f"ps3-engine: {_first_lines(storage_error_message(exc))}", file=sys.stderr)
+        if log is not None:
+            print(f"ps3-engine: details in {log}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ps3-engine: interrupted; rerun the same command to continue (finished shards are kept)", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ps3-engine`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO
-    if args.log_format == "json":
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonLogFormatter())
-        logging.basicConfig(level=level, handlers=[handler])
-    else:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"ps3-engine: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # storage failures (S3 down, disk full): a rerun continues where this stopped
-        logger.debug("storage failure", exc_info=True)
-        print(f"ps3-engine: storage error: {exc}; rerun the same command to continue", file=sys.stderr)
-        return 1
+    configure_logging(args.verbose, args.log_format)
+    return _run(args)
 
 
 if __name__ == "__main__":

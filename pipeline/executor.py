@@ -13,17 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.logs import ray_console_enabled, route_ray_logs
+from ps3_engine.pipeline.progress import ItemCounts, ItemProgress, RayProgressPoller
+from ps3_engine.pipeline.run_state import RunningMarker
 from ps3_engine.pipeline.shard_runner import (
+    BatchCallback,
     PreparedShard,
     ShardReport,
     StageSpec,
@@ -36,6 +40,13 @@ from ps3_engine.stages.base import Resources
 logger = logging.getLogger(__name__)
 
 PREPARE_MEMORY_BYTES = 512 * 2**20
+# Model actors are not restarted by Ray. Ray Data passes every pool actor its UDF as an object-store
+# reference (ray.put of the map transformer), and Ray refuses to promise the restart of an actor whose
+# constructor arguments live in the object store: with Ray Data's default max_restarts=-1 each actor
+# creation logged an error-level line ("constructor arguments in the object store and max_restarts > 0").
+# Recovery is per shard instead: a lost actor's unreported shards become failed reports (see
+# _reports_or_lost) and the next run recomputes exactly those, as for any failed shard.
+ACTOR_RESTART_ARGS: dict[str, Any] = {"max_restarts": 0}
 
 
 class ExecutorConfig(BaseModel):
@@ -62,14 +73,17 @@ def _task_from_row(row: dict[str, Any]) -> ShardTask:
 class ShardWorker:
     """Builds the stage once (``setup`` included) and runs shard tasks; used by both executors."""
 
-    def __init__(self, spec: StageSpec, storage: Storage, fingerprint: str) -> None:
+    def __init__(
+        self, spec: StageSpec, storage: Storage, fingerprint: str, progress: BatchCallback | None = None
+    ) -> None:
         self.stage = spec.build()
         self.stage.setup()
         self.layout = RunLayout(storage)
         self.fingerprint = fingerprint
+        self.progress = progress
 
     def run(self, task: ShardTask, prepared: PreparedShard | None = None) -> ShardReport:
-        return run_shard(self.stage, self.layout, task, self.fingerprint, prepared=prepared)
+        return run_shard(self.stage, self.layout, task, self.fingerprint, prepared=prepared, on_batch=self.progress)
 
     def _run_row(self, row: dict[str, Any]) -> ShardReport:
         task = _task_from_row(row)
@@ -91,12 +105,32 @@ class ShardWorker:
         self.stage.teardown()
 
 
-def _progress(reports: Iterator[ShardReport], total: int, stage: str, enabled: bool) -> Iterator[ShardReport]:
-    with tqdm(total=total, desc=f"{stage} shards", unit="shard", disable=not enabled, leave=True) as bar:
-        for report in reports:
-            bar.update(1)
-            bar.set_postfix(rows=report.output_rows, errors=report.error_rows, status=report.status)
-            yield report
+def _progress(reports: Iterator[ShardReport], progress: ItemProgress, marker: RunningMarker) -> Iterator[ShardReport]:
+    """Pass shard reports on; the bar moves per batch (workers report), this settles it per shard.
+
+    When every shard has reported, the bar shows the reports' exact sums: the workers' last batch
+    counts may still be on their way to the progress actor.
+    """
+    computed, failed = [], 0
+    for report in reports:
+        marker.shard_reported()
+        if report.status == "computed":
+            computed.append(report)
+        else:
+            failed += 1
+            progress.bar.write(f"{report.stage}: shard {report.shard_id} failed: {report.message.splitlines()[0]}")
+        yield report
+    final = ItemCounts(
+        shards_started=len(computed),
+        loaded_items=sum(r.input_rows for r in computed),
+        items=sum(r.input_rows for r in computed),
+        outputs=sum(r.output_rows for r in computed),
+        errors=sum(r.error_rows for r in computed),
+    )
+    progress.num_shards = len(computed)  # failed shards' items are not coming: the bar ends at 100%
+    progress.show(final)
+    if failed:
+        progress.bar.set_postfix_str(f"{progress.bar.postfix}, failed shards={failed}")
 
 
 class InProcessExecutor:
@@ -110,25 +144,35 @@ class InProcessExecutor:
     ) -> Iterator[ShardReport]:
         if not tasks:
             return
-        worker = ShardWorker(spec, storage, fingerprint)
-        try:
-            yield from _progress((worker.run(t) for t in tasks), len(tasks), spec.stage_cls.name, self.config.progress)
-        finally:
-            worker.close()
+        stage = spec.stage_cls.name
+        progress = ItemProgress(stage, len(tasks), self.config.progress)
+        with RunningMarker(storage, stage, [t.shard_id for t in tasks]) as marker:
+            worker = ShardWorker(spec, storage, fingerprint, progress.on_batch)
+            try:
+                yield from _progress((worker.run(t) for t in tasks), progress, marker)
+            finally:
+                worker.close()
+                progress.close()
 
 
 def ensure_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one.
+
+    Under the CLI without -v, Ray's own lines (and its workers' output) go to the run's log file.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    import ray.data  # configures its loggers on import; they are rerouted just below
+
+    route_ray_logs()
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # A throwaway local cluster: Ray 2.60 would otherwise switch on token auth for it.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=ray_console_enabled())
     else:
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=ray_console_enabled())
 
 
 class RayDataExecutor:
@@ -172,6 +216,30 @@ class RayDataExecutor:
         resources = self._fit_resources(spec.build().resources, spec.stage_cls.name)
         num_workers = self._num_workers(resources, len(tasks))
         self.num_workers = num_workers
+        stage_name = spec.stage_cls.name
+        progress = ItemProgress(stage_name, len(tasks), self.config.progress)
+        marker = RunningMarker(storage, stage_name, [t.shard_id for t in tasks])
+        with marker, RayProgressPoller(progress) as poller:
+            try:
+                mapped = self._plan(spec, storage, fingerprint, tasks, resources, num_workers, poller.callback)
+                yield from _progress(_reports_or_lost(mapped, tasks), progress, marker)
+            finally:
+                progress.close()
+
+    def _plan(
+        self,
+        spec: StageSpec,
+        storage: Storage,
+        fingerprint: str,
+        tasks: Sequence[ShardTask],
+        resources: Resources,
+        num_workers: int,
+        progress: BatchCallback,
+    ) -> Any:
+        """The Ray Data plan of one stage: (CPU phase tasks ->) model actors or I/O tasks -> reports."""
+        import ray
+        import ray.data
+
         rows = [{"task": json.dumps(asdict(t))} for t in tasks]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
@@ -185,7 +253,7 @@ class RayDataExecutor:
             prepare_workers = max(1, min(spare_cpus, len(tasks), self.config.max_workers or len(tasks)))
             dataset = dataset.map_batches(
                 _prepare_tasks,
-                fn_args=(spec, storage),
+                fn_args=(spec, storage, progress),
                 batch_size=1,
                 batch_format="numpy",
                 compute=ray.data.TaskPoolStrategy(size=prepare_workers),
@@ -195,32 +263,57 @@ class RayDataExecutor:
                 # the actors (on a GPU-less cluster the two would otherwise look identical and be fused).
                 memory=PREPARE_MEMORY_BYTES,
             )
-            logger.info("%s: CPU phase on up to %d Ray tasks", spec.stage_cls.name, prepare_workers)
+            logger.debug("%s: CPU phase on up to %d Ray tasks", spec.stage_cls.name, prepare_workers)
         if resources.uses_model:
             compute = ray.data.ActorPoolStrategy(min_size=1, max_size=num_workers)
-            mapped = dataset.map_batches(
-                ShardWorker,
-                fn_constructor_args=(spec, storage, fingerprint),
-                batch_size=1,
-                batch_format="numpy",
-                compute=compute,
-                **remote_args,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 names no map_batches parameter for max_restarts, so it travels as a plain remote
+                # arg, which 2.60 flags as deprecated; test_progress checks that the setting still applies.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                mapped = dataset.map_batches(
+                    ShardWorker,
+                    fn_constructor_args=(spec, storage, fingerprint, progress),
+                    batch_size=1,
+                    batch_format="numpy",
+                    compute=compute,
+                    **ACTOR_RESTART_ARGS,
+                    **remote_args,
+                )
         else:
             mapped = dataset.map_batches(
                 _run_tasks_once,
-                fn_args=(spec, storage, fingerprint),
+                fn_args=(spec, storage, fingerprint, progress),
                 batch_size=1,
                 batch_format="numpy",
                 compute=ray.data.TaskPoolStrategy(size=num_workers),
                 **remote_args,
             )
-        logger.info("%s: %d shards on %d Ray workers", spec.stage_cls.name, len(tasks), num_workers)
-        reports = (ShardReport(**json.loads(row["report"])) for row in mapped.iter_rows())
-        yield from _progress(reports, len(tasks), spec.stage_cls.name, self.config.progress)
+        logger.debug("%s: %d shards on %d Ray workers", spec.stage_cls.name, len(tasks), num_workers)
+        return mapped
 
 
-def _prepare_tasks(batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage) -> dict[str, np.ndarray]:
+def _reports_or_lost(mapped: Any, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
+    """The shard reports of a Ray Data run; if the run dies (a worker lost, a node gone), a failed
+    report for every shard that had not reported, so the run goes on and a rerun recomputes them."""
+    import ray.exceptions
+
+    reported = set()
+    try:
+        for row in mapped.iter_rows():
+            report = ShardReport(**json.loads(row["report"]))
+            reported.add(report.shard_id)
+            yield report
+    except ray.exceptions.RayError as exc:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        lost = [t for t in tasks if t.shard_id not in reported]
+        logger.warning("%s: the Ray run stopped (%s); %d shards marked failed", tasks[0].stage, reason, len(lost))
+        for task in lost:
+            yield ShardReport(task.stage, task.shard_id, "failed", message=f"Ray worker lost: {reason}")
+
+
+def _prepare_tasks(
+    batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage, progress: BatchCallback | None = None
+) -> dict[str, np.ndarray]:
     """CPU phase of a two-phase stage, one shard per call; failures travel on to be reported."""
     stage = spec.build()
     layout = RunLayout(storage)
@@ -231,7 +324,7 @@ def _prepare_tasks(batch: dict[str, np.ndarray], spec: StageSpec, storage: Stora
         task = _task_from_row({"task": task_json})
         payload, errors, input_rows, prepare_s, failure = b"", b"", 0, 0.0, ""
         try:
-            prepared = prepare_shard(stage, layout, task)
+            prepared = prepare_shard(stage, layout, task, on_batch=progress)
             payload, errors = prepared.to_ipc()
             input_rows, prepare_s = prepared.input_rows, prepared.prepare_s
         except Exception as exc:
@@ -242,10 +335,14 @@ def _prepare_tasks(batch: dict[str, np.ndarray], spec: StageSpec, storage: Stora
 
 
 def _run_tasks_once(
-    batch: dict[str, np.ndarray], spec: StageSpec, storage: Storage, fingerprint: str
+    batch: dict[str, np.ndarray],
+    spec: StageSpec,
+    storage: Storage,
+    fingerprint: str,
+    progress: BatchCallback | None = None,
 ) -> dict[str, np.ndarray]:
     """Task-pool variant for I/O stages: a fresh worker per shard (cheap setup, nothing to keep)."""
-    worker = ShardWorker(spec, storage, fingerprint)
+    worker = ShardWorker(spec, storage, fingerprint, progress)
     try:
         return worker(batch)
     finally:

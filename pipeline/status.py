@@ -1,9 +1,18 @@
-"""``ps3-engine status``: what a run root holds, per stage, read from manifests and plans alone."""
+"""``ps3-engine status``: what a run root holds, per stage, read from manifests, plans and in-progress records.
+
+A stage's state is one of:
+``done`` every planned shard committed and fresh; ``running`` a driver is computing shards now (its
+heartbeat is recent); ``interrupted`` a driver started shards and stopped without finishing (killed);
+``failed`` shards failed in the last run; ``partial`` some shards committed, others missing;
+``stale`` committed shards whose input or config changed; ``not run`` nothing committed.
+During a forced recompute, a shard counts as done only once it is committed again.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -11,6 +20,7 @@ import pyarrow.parquet as pq
 from ps3_engine.infra.storage import S3Settings, Storage
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.run_state import RunningRecord, read_running
 from ps3_engine.pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
 
 
@@ -25,6 +35,34 @@ class StageStatus:
     rows: int
     error_rows: int
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    state: str = "not run"
+    running: int = 0  # shards of an in-progress (or interrupted) computation not committed again yet
+    started_at: str | None = None
+
+
+def _state(status: StageStatus, record: RunningRecord | None) -> str:
+    if record is not None:
+        return "running" if record.is_alive() else "interrupted"
+    if status.failed:
+        return "failed"
+    if status.planned and status.done == status.planned:
+        return "done"
+    if status.done:
+        return "partial"
+    return "stale" if status.stale else "not run"
+
+
+def describe_stage(status: StageStatus) -> str:
+    """One status line: state, shard counts, rows and errors."""
+    shards = f"shards {status.done} done"
+    if status.running:
+        shards += f", {status.running} {'in progress' if status.state == 'running' else 'unfinished'}"
+    shards += f", {status.stale} stale, {status.missing} missing, {status.failed} failed (of {status.planned})"
+    since = f" since {status.started_at[:19].replace('T', ' ')} UTC" if status.started_at else ""
+    return (
+        f"{status.state:11s}{since} {shards}; rows {status.rows}; errors {status.error_rows} "
+        f"{status.errors_by_reason or ''}"
+    ).rstrip()
 
 
 def _planned_crawl(layout: RunLayout) -> list[ShardTask]:
@@ -44,11 +82,21 @@ def _stage_status(
     fingerprint: str | None,
     failed: int,
     rows_adjustment: int = 0,
+    record: RunningRecord | None = None,
 ) -> StageStatus:
     manifests = layout.manifests(stage)
-    states = Counter(layout.shard_state(t, fingerprint or "", manifests.get(t.shard_id)) for t in tasks)
+    in_progress = set(record.shard_ids) if record is not None else set()
+    states: Counter[str] = Counter()
+    running = 0
+    for task in tasks:
+        entry = manifests.get(task.shard_id)
+        # A shard being recomputed is not done until committed again, however fresh its old manifest.
+        if task.shard_id in in_progress and (entry is None or _before(entry.created_at, record.started)):
+            running += 1
+        else:
+            states[layout.shard_state(task, fingerprint or "", entry)] += 1
     reasons = layout.read_errors(stage).column("reason").to_pylist()
-    return StageStatus(
+    status = StageStatus(
         stage=stage,
         planned=len(tasks),
         done=states["done"],
@@ -58,7 +106,17 @@ def _stage_status(
         rows=sum(m.output_rows for m in manifests.values()) - rows_adjustment,
         error_rows=len(reasons),
         errors_by_reason=dict(Counter(reasons)),
+        running=running,
+        started_at=record.started_at if record is not None else None,
     )
+    status.state = _state(status, record)
+    return status
+
+
+def _before(created_at: datetime, started: datetime) -> bool:
+    if created_at.tzinfo is None:  # manifests are written in UTC
+        created_at = created_at.replace(tzinfo=started.tzinfo)
+    return created_at < started
 
 
 def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
@@ -68,6 +126,7 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
     fingerprints = layout.storage.read_json(layout.RUN_CONFIG_KEY).get("fingerprints", {})
     summary = layout.storage.read_json(layout.SUMMARY_KEY) if layout.storage.exists(layout.SUMMARY_KEY) else {}
     failed = Counter(f["stage"] for f in summary.get("failed_shards", []))
+    running = read_running(layout.storage)
     stages = {
         "crawl": _stage_status(
             layout,
@@ -76,19 +135,29 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
             fingerprints.get("crawl"),
             failed["crawl"],
             rows_adjustment=len(layout.dropped_item_ids()),
+            record=running.get("crawl"),
         ),
     }
     segment_tasks = plan_segment(layout)
-    if segment_tasks and (layout.manifests("segment") or "segment" in summary.get("stages", {})):
+    if segment_tasks and (
+        layout.manifests("segment") or "segment" in summary.get("stages", {}) or "segment" in running
+    ):
         stages["segment"] = _stage_status(
-            layout, "segment", segment_tasks, fingerprints.get("segment"), failed["segment"]
+            layout,
+            "segment",
+            segment_tasks,
+            fingerprints.get("segment"),
+            failed["segment"],
+            record=running.get("segment"),
         )
     for stage, name, planner in (
         ("caption", "caption", plan_caption),
         ("corpus", "build-corpus", plan_corpus_rows),
     ):
         tasks = planner(layout)
-        if tasks and (layout.manifests(stage) or name in summary.get("stages", {})):
-            stages[name] = _stage_status(layout, stage, tasks, fingerprints.get(stage), failed[name])
+        if tasks and (layout.manifests(stage) or name in summary.get("stages", {}) or stage in running):
+            stages[name] = _stage_status(
+                layout, stage, tasks, fingerprints.get(stage), failed[name], record=running.get(stage)
+            )
     dataset = layout.storage.read_json(DATASET_MANIFEST_KEY) if layout.storage.exists(DATASET_MANIFEST_KEY) else None
     return {"run_root": run_root, "stages": stages, "summary": summary, "dataset": dataset}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ps3_engine.pipeline.cli import build_parser, main
 from tests.support.zoo import ZOO_CRAWL_OVERRIDES
@@ -61,6 +62,10 @@ def test_crawl_then_status_then_rerun(zoo, tmp_path, capsys):
     assert main(["status", run_root, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["crawl"]["done"] == 1 and status["crawl"]["rows"] == 2 and status["crawl"]["error_rows"] == 2
+    assert status["crawl"]["state"] == "done"
+    assert main(["status", "--run-root", run_root]) == 0  # the README's spelling works too
+    assert "crawl         done" in capsys.readouterr().out
+    assert (tmp_path / "run" / "logs" / "ps3-engine.log").is_file()
     assert main(argv) == 0
     assert "0 computed, 1 already done" in capsys.readouterr().out
     assert main(["crawl", "--retry-failed", run_root, "--set", "executor.kind=local"]) == 0
@@ -81,6 +86,97 @@ def test_example_configs_validate(name):
     config = load_run_config(Path(__file__).resolve().parents[2] / "configs" / name)
     assert config.run_root and config.caption.prompts.version == "ps3-v1"
     assert (config.segment.backend, config.caption.backend) in {("classical", "transformers"), ("sam2", "vllm")}
+
+
+def test_version_and_config_show(capsys):
+    from ps3_engine.pipeline.cli_errors import config_keys
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("ps3-engine ")
+    assert main(["config", "show", "--defaults"]) == 0
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    for key in config_keys():  # every key of every section, nested ones included
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+    assert defaults["run_root"] is None and defaults["crawl"]["min_short_side"] > 0
+    assert main(["config", "show", "--run-root", "/tmp/r", "--set", "crawl.min_short_side=777"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["run_root"] == "/tmp/r" and resolved["crawl"]["min_short_side"] == 777
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["crawl", "--run-root", "R", "--set", "crawl.min_shrot_side=3"], "did you mean 'crawl.min_short_side'?"),
+        (["crawl", "--input", "x.txt"], "no run root: pass --run-root"),
+        (["crawl", "--run-root", "R", "--set", "crawl.min_short_side=[1,"], "is not valid YAML"),
+        (["crawl", "--run-root", "R", "--set", "crawl.min_short_side=abc"], "crawl.min_short_side: Input should be"),
+        (["crawl", "--run-root", "R", "--set", "crawl"], "is not of the form KEY=VALUE"),
+        (["status"], "status needs a run root"),
+        (["report"], "report needs a run root"),
+        (["status", "A", "--run-root", "B"], "two run roots given"),
+        (["config", "show", "--config", "BAD_YAML"], "not valid YAML: expected ',' or ']'"),
+    ],
+)
+def test_user_errors_are_one_or_two_lines(argv, expected, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("crawl: [1,\nsegment: 2\n")
+    argv = [str(bad) if a == "BAD_YAML" else str(tmp_path / a) if a in ("R", "A", "B") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) <= 2, err
+    assert "Traceback" not in err and "pydantic" not in err and "For further information" not in err
+
+
+def test_argparse_errors_are_two_lines(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["crawl", "--no-such-option"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 2 and "unrecognized" in err
+
+
+def test_a_closed_stdout_pipe_is_not_an_error():
+    # The reader closes the pipe before the command writes (what `ps3-engine ... | head -1` does).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ps3_engine.pipeline.cli", "config", "show", "--defaults"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    process.wait(timeout=60)
+    assert err == "", err
+
+
+def test_storage_errors_advise_a_rerun_only_when_it_can_help():
+    import errno
+
+    from ps3_engine.pipeline.cli_errors import storage_error_message
+
+    denied = storage_error_message(PermissionError(errno.EACCES, "Permission denied", "/data/run/run.json"))
+    assert "/data/run/run.json" in denied and "rerun" not in denied
+    full = storage_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/run/crawl/x.parquet"))
+    assert "/data/run/crawl/x.parquet" in full and "free some space" in full
+    try:
+        try:
+            raise ConnectionError("Connection refused")
+        except ConnectionError as cause:
+            raise OSError("could not read Parquet s3://b/run/crawl/part-1.parquet") from cause
+    except OSError as exc:
+        network = storage_error_message(exc)
+    assert "s3://b/run/crawl/part-1.parquet" in network and "rerun the same command" in network
+
+
+def test_stage_commands_come_from_one_table():
+    from ps3_engine.pipeline.cli import STAGE_COMMANDS
+
+    parser = build_parser()
+    for command in STAGE_COMMANDS:
+        args = parser.parse_args([command.name, "--run-root", "R", "--force"])
+        assert args.stage_command is command and args.force is True
+        assert hasattr(args, "input") == (command.input_field is not None)
 
 
 def test_json_log_format_emits_one_object_per_line(capsys, tmp_path):

@@ -1,0 +1,95 @@
+"""Run-level in-progress records: which stage is computing which shards right now, and since when.
+
+Manifests say what is committed, not what is being recomputed: during ``run --force caption`` every
+old caption manifest is still fresh, so a status read from manifests alone says ``done``. The executor
+therefore writes ``_running/<stage>.json`` when it starts a stage's shards, refreshes its heartbeat
+while reports come in, and deletes it when the stage ends. ``status`` counts a listed shard as done
+only when its manifest was committed after ``started_at``; a record whose heartbeat is older than
+:data:`STALE_AFTER_S` belongs to a driver that died (the stage is then ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from ps3_engine.infra.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+RUNNING_PREFIX = "_running/"
+HEARTBEAT_INTERVAL_S = 30.0
+STALE_AFTER_S = 180.0
+
+
+@dataclass
+class RunningRecord:
+    """One stage being computed. Times are ISO 8601 UTC; ``shard_ids`` are the shards it will commit."""
+
+    stage: str
+    shard_ids: list[str]
+    started_at: str
+    updated_at: str
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    reported: int = 0
+
+    @property
+    def started(self) -> datetime:
+        return datetime.fromisoformat(self.started_at)
+
+    def is_alive(self, now: datetime | None = None) -> bool:
+        """True while the heartbeat is recent (the driver may be on another machine, so no pid check)."""
+        now = now or datetime.now(UTC)
+        return (now - datetime.fromisoformat(self.updated_at)).total_seconds() < STALE_AFTER_S
+
+
+def running_key(stage: str) -> str:
+    return f"{RUNNING_PREFIX}{stage}.json"
+
+
+class RunningMarker:
+    """Context manager around one stage execution: writes, heartbeats and finally removes the record."""
+
+    def __init__(self, storage: Storage, stage: str, shard_ids: list[str]) -> None:
+        now = datetime.now(UTC).isoformat()
+        self.storage = storage
+        self.record = RunningRecord(stage, sorted(shard_ids), started_at=now, updated_at=now)
+        self._last_write = 0.0
+
+    def __enter__(self) -> RunningMarker:
+        self._write()
+        return self
+
+    def shard_reported(self) -> None:
+        """Count a finished shard; rewrites the record at most every :data:`HEARTBEAT_INTERVAL_S`."""
+        self.record.reported += 1
+        if time.monotonic() - self._last_write >= HEARTBEAT_INTERVAL_S:
+            self._write()
+
+    def _write(self) -> None:
+        self.record.updated_at = datetime.now(UTC).isoformat()
+        self.storage.write_json_atomic(running_key(self.record.stage), asdict(self.record))
+        self._last_write = time.monotonic()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        # Left in place when the driver is interrupted (Ctrl-C, a crash): status then says "interrupted".
+        if exc_type is None or exc_type is GeneratorExit:
+            self.storage.delete(running_key(self.record.stage))
+
+
+def read_running(storage: Storage) -> dict[str, RunningRecord]:
+    """Every in-progress record of a run root, by stage (unreadable ones are skipped with a warning)."""
+    records = {}
+    for obj in storage.list(RUNNING_PREFIX):
+        try:
+            record = RunningRecord(**storage.read_json(obj.key))
+        except (TypeError, ValueError) as exc:
+            logger.warning("ignoring the unreadable in-progress record %s: %s", obj.key, exc)
+            continue
+        records[record.stage] = record
+    return records
