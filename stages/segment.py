@@ -2,7 +2,8 @@
 
 Per image: decode a downscaled working copy (JPEG DCT scaling, so a 4K image is never decoded at full
 size), propose masks with the configured backend (SAM2, or the weight-free classical segmenter), score
-the candidate grid with the PS3 rule in full-resolution pixels and keep the top-k non-overlapping boxes.
+the candidate grid with the PS3 rule in full-resolution pixels and keep the top-k non-overlapping boxes
+among those holding real detail (a floor on edge density, so blank images have no salient region).
 Images are grouped into model batches by working-pixel count; a batch that runs out of memory is split
 and retried. An image that cannot be decoded or segmented, or that has no salient box, becomes an
 error row.
@@ -30,7 +31,16 @@ from ps3_engine.stages.base import (
     errors_table,
     unexpected_error_row,
 )
-from ps3_engine.stages.box_selection import DEFAULT_MASK_AREA_FLOOR, box_scores, candidate_boxes, select_top_boxes
+from ps3_engine.stages.box_selection import (
+    DEFAULT_EDGE_THRESHOLD,
+    DEFAULT_MASK_AREA_FLOOR,
+    DEFAULT_MIN_EDGE_DENSITY,
+    box_edge_density,
+    box_scores,
+    candidate_boxes,
+    edge_pixels,
+    select_top_boxes,
+)
 from ps3_engine.stages.geometry import BoxXYXY
 from ps3_engine.stages.imaging import ImageRejected, load_rgb, stored_image_bytes
 from ps3_engine.stages.segmenters.classical import ClassicalSegmenter, ClassicalSettings
@@ -49,6 +59,10 @@ class SegmentConfig(BaseModel):
     grid_stride_fraction: float = Field(1.0, gt=0, le=1, description="1 = paper (touching squares)")
     top_k: int = Field(4, ge=1)
     mask_area_floor: float = Field(DEFAULT_MASK_AREA_FLOOR, gt=0, description="full-res px (paper: 40x40)")
+    min_edge_density: float = Field(
+        DEFAULT_MIN_EDGE_DENSITY, ge=0, le=1, description="share of edge pixels a box needs (0: no detail floor)"
+    )
+    edge_threshold: float = Field(DEFAULT_EDGE_THRESHOLD, gt=0, description="Sobel magnitude of an edge pixel")
     max_batch_pixels: int = Field(4 * 1024 * 1024, ge=1, description="working pixels per model batch")
     batch_size: int = Field(8, ge=1, description="images handed to the stage at a time")
     max_workers: int | None = Field(None, ge=1)
@@ -69,6 +83,8 @@ class SegmentConfig(BaseModel):
                 "grid_stride_fraction",
                 "top_k",
                 "mask_area_floor",
+                "min_edge_density",
+                "edge_threshold",
             },
         )
         return {"backend": settings, "selection": selection}
@@ -78,10 +94,19 @@ def region_id_for(image_id: str, box: BoxXYXY) -> str:
     return hashlib.sha256(f"{image_id}:{box.x0},{box.y0},{box.x1},{box.y1}".encode()).hexdigest()[:32]
 
 
-def select_regions(masks, width: int, height: int, config: SegmentConfig) -> list[tuple[BoxXYXY, float]]:
-    """The PS3 rule on one image's masks: ``(box, score)`` best first."""
+def select_regions(
+    masks, width: int, height: int, config: SegmentConfig, working_image: np.ndarray | None = None
+) -> list[tuple[BoxXYXY, float]]:
+    """The PS3 rule on one image's masks: ``(box, score)`` best first.
+
+    With ``working_image`` (the ``(h, w, 3)`` copy the masks were computed on) boxes without real
+    detail score 0 (:func:`box_edge_density` below ``config.min_edge_density``), whatever the backend.
+    """
     boxes = candidate_boxes(width, height, config.box_side_fraction, config.aspect_ratios, config.grid_stride_fraction)
     scores = box_scores(masks.areas(), masks.inside_areas(boxes), float(width * height), config.mask_area_floor)
+    if working_image is not None and config.min_edge_density > 0:
+        density = box_edge_density(edge_pixels(working_image, config.edge_threshold), boxes, width, height)
+        scores = np.where(density >= config.min_edge_density, scores, 0.0)
     return [(boxes[i], float(scores[i])) for i in select_top_boxes(boxes, scores, config.top_k)]
 
 
@@ -206,9 +231,9 @@ class SegmentStage(Stage):
             self._segment_group(group[middle:], context, regions, errors)
             return
         settings_json = json.dumps(self.config.backend_settings(), sort_keys=True)
-        for (row, _), masks in zip(group, results, strict=True):
+        for (row, working_image), masks in zip(group, results, strict=True):
             try:
-                selected = select_regions(masks, row["width"], row["height"], self.config)
+                selected = select_regions(masks, row["width"], row["height"], self.config, working_image)
             except Exception as exc:
                 errors.append(
                     unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
@@ -220,7 +245,8 @@ class SegmentStage(Stage):
                         context,
                         row,
                         "no_salient_region",
-                        f"{masks.num_masks} masks, no box with a positive score",
+                        f"{masks.num_masks} masks, no box with a positive score and real detail "
+                        f"(edge density >= {self.config.min_edge_density})",
                         "filtered",
                     )
                 )

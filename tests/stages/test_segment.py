@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image, ImageDraw
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.config import load_run_config
@@ -19,7 +20,9 @@ from ps3_engine.pipeline.runner import run_crawl, run_segment
 from ps3_engine.pipeline.samples import planted_scene
 from ps3_engine.schemas import IMAGE_SCHEMA
 from ps3_engine.stages.base import ShardContext
+from ps3_engine.stages.box_selection import DEFAULT_MIN_EDGE_DENSITY, box_edge_density, candidate_boxes, edge_pixels
 from ps3_engine.stages.geometry import BoxXYXY, boxes_overlap, is_inside
+from ps3_engine.stages.imaging import load_rgb
 from ps3_engine.stages.segment import SegmentConfig, SegmentStage, region_id_for
 from ps3_engine.stages.segmenters.masks import MaskSet
 from ps3_engine.stages.segmenters.sam2 import Sam2Settings, check_checkpoint_source, resolve_checkpoint
@@ -246,3 +249,88 @@ def test_real_sam2_on_gpu(planted_folder, tmp_path):
     config = crawled_run(folder, tmp_path / "run", "segment.backend=sam2", f"segment.sam2.checkpoint={checkpoint}")
     result = run_segment(config)
     assert result.failed_shards == [] and result.output_rows >= 3
+
+
+# -- the detail floor: blank images have no salient region, in both backends ------------------------
+
+
+def jpeg_of(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def blank_and_near_blank() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    width, height = 2048, 1536
+    ramp = np.linspace(60, 230, width)[None, :, None].repeat(height, 0).repeat(3, 2)
+    return {
+        "white": Image.new("RGB", (width, height), "white"),  # the issue's instance: 4 regions, score 0.03
+        "black": Image.new("RGB", (width, height), "black"),
+        "grey-noise-2": Image.fromarray(np.clip(128 + rng.normal(0, 2, (height, width, 3)), 0, 255).astype("u1")),
+        "grey-noise-8": Image.fromarray(np.clip(128 + rng.normal(0, 8, (height, width, 3)), 0, 255).astype("u1")),
+        "gradient": Image.fromarray(ramp.astype("u1")),
+        "sky": Image.fromarray(np.linspace(100, 200, height)[:, None, None].repeat(width, 1).repeat(3, 2).astype("u1")),
+    }
+
+
+def word_on_white() -> tuple[Image.Image, tuple[int, int]]:
+    image = Image.new("RGB", (2048, 1536), "white")
+    ImageDraw.Draw(image).text((1000, 700), "hello world", fill="black")
+    return image, (1030, 705)
+
+
+def test_detail_floor_calibration():
+    """The table in ``stages/box_selection.py``: blank and near-blank images have no edge pixels in any
+    candidate box; one short word clears the default floor by 3x; planted scenes by 90x."""
+    boxes = candidate_boxes(2048, 1536)
+
+    def best_density(image: Image.Image) -> float:
+        work = np.asarray(load_rgb(jpeg_of(image), max_side=1024))
+        return float(box_edge_density(edge_pixels(work), boxes, 2048, 1536).max())
+
+    for name, image in blank_and_near_blank().items():
+        assert best_density(image) == 0.0, name
+    assert 3 * DEFAULT_MIN_EDGE_DENSITY < best_density(word_on_white()[0]) < 0.01
+    for seed in range(3):
+        assert best_density(planted_scene(2048, 1536, seed)[0]) > 90 * DEFAULT_MIN_EDGE_DENSITY
+
+
+def test_blank_and_near_blank_images_are_filtered_with_the_classical_backend():
+    stage = SegmentStage(SegmentConfig())
+    images = {name: image for name, image in blank_and_near_blank().items() if name in ("white", "gradient")}
+    word, (word_x, word_y) = word_on_white()
+    rows = [image_row(name, jpeg_of(image)) for name, image in images.items()] + [image_row("word", jpeg_of(word))]
+    result = stage.process_batch(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA), ShardContext("segment", "s", 1))
+    errors = {e["item_id"]: e for e in result.errors.to_pylist()}
+    assert set(errors) == set(images)
+    assert {(e["category"], e["reason"]) for e in errors.values()} == {("filtered", "no_salient_region")}
+    assert "edge density" in errors["white"]["message"]
+    (box,) = result.output.to_pylist()  # only the box holding the word has detail
+    assert box["image_id"] == "word" and box["x0"] <= word_x < box["x1"] and box["y0"] <= word_y < box["y1"]
+    # The floor is a setting: 0 turns it off and the blank image gets its 0.03-score boxes back.
+    stage.config = stage.config.model_copy(update={"min_edge_density": 0.0})
+    unfloored = stage.process_batch(pa.Table.from_pylist(rows[:1], schema=IMAGE_SCHEMA), ShardContext("s", "s", 1))
+    assert [round(r["score"], 2) for r in unfloored.output.to_pylist()] == [0.03] * 4
+
+
+def test_blank_image_is_filtered_with_the_sam2_backend():
+    """Random-weight SAM2 proposes masks even on a white page; the floor, computed from the image, holds."""
+    settings = Sam2Settings(
+        model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
+        allow_random_weights=True,
+        image_size=256,
+        points_per_side=4,
+        crop_n_layers=0,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        device="cpu",
+    )
+    rows = pa.Table.from_pylist([image_row("white", jpeg_of(blank_and_near_blank()["white"]))], schema=IMAGE_SCHEMA)
+    stage = SegmentStage(SegmentConfig(backend="sam2", mask_max_side=256, sam2=settings))
+    result = stage.process_batch(rows, ShardContext("segment", "s", 1))
+    assert [(e["item_id"], e["reason"]) for e in result.errors.to_pylist()] == [("white", "no_salient_region")]
+    assert result.output.num_rows == 0
+    # Without the floor the same masks give the white page boxes: the floor, not the backend, decides.
+    stage.config = stage.config.model_copy(update={"min_edge_density": 0.0})
+    assert stage.process_batch(rows, ShardContext("segment", "s", 1)).output.num_rows > 0
