@@ -65,6 +65,11 @@ def demo_config(out: Path, url_list: Path, executor: str, overrides: list[str], 
         f"sources=[{url_list}]",
         "crawl.http.allow_private_addresses=true",
         "crawl.shard_size=8",
+        # Batches smaller than the 8-image shards, so the console's item progress moves within a shard
+        # (batch sizes are operational: not part of any fingerprint).
+        "crawl.batch_size=4",
+        "segment.batch_size=2",
+        "caption.batch_size=2",
         "corpus.validation_fraction=0.2",
         f"executor.kind={executor}",
     ]
