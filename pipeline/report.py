@@ -84,6 +84,7 @@ def histogram_svg(values: Sequence[float], title: str, x_label: str, integer: bo
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     if integer and high - low <= 15:
         axes.set_xticks(np.arange(np.floor(low), np.ceil(high) + 1))  # every value a tick, even a lone one
+        axes.set_xlim(np.floor(low) - 1, np.ceil(high) + 1)  # a lone value is a bar, not a wall
     elif integer:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.spines[["top", "right"]].set_visible(False)
