@@ -6,6 +6,7 @@ dataset/images/validation/shard-<build>-00000.parquet  columns (typed, see pipel
 dataset/pairs/train/shard-<build>-00000.parquet        PAIRS_SCHEMA: one (box, caption) per row, pointing at its image
 dataset/pairs/validation/...
 dataset/manifest.json                                  counts, sources, fingerprints, schemas, shard list; last
+dataset/README.md                                      HF dataset card: configs images, pairs (this build's files)
 ```
 Each table has its own root with one schema under it, so ``dataset/images`` (or ``dataset/pairs``) loads
 as a folder in polars, pyarrow.dataset, DuckDB, HF ``datasets`` (split names from the folder names) and
@@ -30,6 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 from tqdm import tqdm
 
 from ps3_engine.infra.storage import Storage
@@ -49,6 +51,7 @@ from ps3_engine.stages.corpus import CorpusConfig
 logger = logging.getLogger(__name__)
 
 IMAGES_PREFIX = f"{DATASET_PREFIX}/images"
+CARD_KEY = f"{DATASET_PREFIX}/README.md"
 PAIRS_PREFIX = f"{DATASET_PREFIX}/pairs"
 SPLITS = ("train", "validation")
 
@@ -259,11 +262,34 @@ def build_corpus(
     manifest = _manifest(written, fingerprint, fingerprints, config, extra)
     # The manifest switches readers to the new build; only then do the old build's files go.
     storage.write_json_atomic(MANIFEST_KEY, manifest)
+    storage.write_bytes_atomic(CARD_KEY, dataset_card(written).encode())
     keep = {s["key"] for s in written} | {s["pairs_key"] for s in written}
     for obj in storage.list(DATASET_PREFIX + "/"):
         if obj.key.endswith(".parquet") and obj.key not in keep:
             storage.delete(obj.key)
     return CorpusResult(True, manifest)
+
+
+def dataset_card(written: list[dict[str, Any]]) -> str:
+    """``dataset/README.md``: a Hugging Face dataset card whose ``configs`` name this build's files.
+
+    With it ``datasets.load_dataset("<run>/dataset")`` loads the images table (``name="pairs"``: the pairs),
+    split by split, and only the files the manifest lists, even while a rebuild has left others beside them.
+    """
+    configs = []
+    for name, column in (("images", "key"), ("pairs", "pairs_key")):
+        files = []
+        for split in SPLITS:
+            paths = [s[column].removeprefix(DATASET_PREFIX + "/") for s in written if s["split"] == split]
+            if paths:
+                files.append({"split": split, "path": paths})
+        if files:
+            configs.append({"config_name": name, "data_files": files, "default": name == "images"})
+    front = yaml.safe_dump({"configs": configs}, sort_keys=False) if configs else "{}\n"
+    return (
+        f"---\n{front}---\n# PS3 region-caption corpus\n\n"
+        "Written by ps3-engine build-corpus; see manifest.json and the ps3-engine README, 'Loading the corpus'.\n"
+    )
 
 
 def _manifest(

@@ -125,7 +125,7 @@ def test_polars_pyarrow_ray_and_hf_datasets_load_the_images_folder(captioned, ra
     root = captioned.root
     images = root / "dataset" / "images"
     assert {p.parent.name for p in shard_files(root)} == {"train", "validation"}
-    assert sorted(p.name for p in (root / "dataset").iterdir()) == ["images", "manifest.json", "pairs"]
+    assert sorted(p.name for p in (root / "dataset").iterdir()) == ["README.md", "images", "manifest.json", "pairs"]
 
     frame = pl.read_parquet(str(images / "**" / "*.parquet"))
     by_polars = dict(zip(frame["image_id"], frame["regions"].list.len(), strict=True))
@@ -136,6 +136,11 @@ def test_polars_pyarrow_ray_and_hf_datasets_load_the_images_folder(captioned, ra
     # Split names come from the folder names; the manifest beside the folder is not read as data.
     hf = datasets.load_dataset(str(images), cache_dir=str(tmp_path / "hf"))
     assert set(hf) == {"train", "validation"}
+    # The dataset card names both tables: the folder above loads too, images by default, pairs by name.
+    card = datasets.load_dataset(str(root / "dataset"), cache_dir=str(tmp_path / "hf"))
+    assert {s: card[s].num_rows for s in card} == {s: c["images"] for s, c in manifest(root)["counts"].items()}
+    pairs = datasets.load_dataset(str(root / "dataset"), "pairs", cache_dir=str(tmp_path / "hf"))
+    assert {s: pairs[s].num_rows for s in pairs} == {s: c["regions"] for s, c in manifest(root)["counts"].items()}
     by_hf = regions_per_image([row for split in hf.values() for row in split.select_columns(["image_id", "regions"])])
 
     assert len(by_polars) == frame.height == NUM_SCENES == ray_images.count() == table.num_rows

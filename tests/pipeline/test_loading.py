@@ -80,7 +80,9 @@ def test_hf_datasets_snippet(provenance_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")  # keep the user's cache clean
     found = run_snippet(3, provenance_run)
-    assert set(found["corpus"]) == {"train"} and found["corpus"]["train"].num_rows == 2
+    rows = packed_rows(provenance_run)
+    assert set(found["corpus"]) == {"train"} and found["corpus"]["train"].num_rows == len(rows)
+    assert found["pairs"]["train"].num_rows == sum(len(r["regions"]) for r in rows)
     assert found["first"]["url"] in {r["url"] for r in provenance_run.rows.values()}
     assert found["first"]["regions"] and {"x0", "y0", "x1", "y1", "caption"} <= set(found["first"]["regions"][0])
 

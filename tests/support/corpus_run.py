@@ -153,13 +153,18 @@ def run_config(list_path: Path, run_root: Path, captioner: Path, *overrides: str
     )
 
 
+_BUILT: dict[Path, ProvenanceRun] = {}
+
+
 def build_provenance_run(base: Path, captioner: Path) -> ProvenanceRun:
-    """The run under ``base`` (built on first use; later calls in the session reuse it)."""
-    with serve_with_redirects(base / "inputs") as base_url:
-        list_path, rows, upright, planted = write_inputs(base / "inputs", base_url)
-        config = run_config(list_path, base / "run", captioner)
-        if not (base / "run" / MANIFEST_KEY).exists():
+    """The run under ``base``, built on first use; later calls in the session (other modules) reuse it."""
+    if base not in _BUILT:
+        with serve_with_redirects(base / "inputs") as base_url:
+            list_path, rows, upright, planted = write_inputs(base / "inputs", base_url)
+            config = run_config(list_path, base / "run", captioner)
             results = run_pipeline(config)
             assert all(r.failed_shards == [] for r in results), [r.failed_shards for r in results]
-    return ProvenanceRun(config, list_path, rows, upright, planted)
+            assert (base / "run" / MANIFEST_KEY).exists()
+        _BUILT[base] = ProvenanceRun(config, list_path, rows, upright, planted)
+    return _BUILT[base]
 
