@@ -33,7 +33,7 @@ from ps3_engine.stages.base import (
     errors_table,
     unexpected_error_row,
 )
-from ps3_engine.stages.imaging import ImageRejected, PixelBudget, inspect_image
+from ps3_engine.stages.imaging import ImageRejected, PixelBudget, inspect_image, use_large_decode_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ class CrawlStage(Stage):
         self._client = GuardedHttpClient(self.config.http.to_settings())
         self._threads = ThreadPoolExecutor(self.config.download_threads, thread_name_prefix="crawl")
         self._budget = PixelBudget(self.config.validation_pixel_budget)
+        use_large_decode_blocks()
 
     def teardown(self) -> None:
         if self._threads is not None:
