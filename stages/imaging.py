@@ -323,9 +323,16 @@ REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", 
 def _reduced(img: Image.Image) -> Image.Image:
     """``img`` box-reduced so its long side is about :data:`VALIDATION_HASH_SIDE` (unchanged when small)."""
     factor = max(img.size) // VALIDATION_HASH_SIDE
-    if factor < 2 or img.mode not in REDUCIBLE_MODES:
+    if factor < 2:
         return img
-    return img.reduce(factor)
+    if img.mode.startswith("I;16"):
+        # Pillow cannot reduce 16-bit images, and to_rgb's float64 copies of a full 64 MP one took ~1.9 GB:
+        # box-average the 2-byte values here instead (the result keeps the mode, so the scaling is unchanged).
+        values = np.asarray(img)
+        height, width = (values.shape[0] // factor) * factor, (values.shape[1] // factor) * factor
+        blocks = values[:height, :width].reshape(height // factor, factor, width // factor, factor)
+        return Image.fromarray(blocks.mean(axis=(1, 3)).round().astype(np.uint16))
+    return img.reduce(factor) if img.mode in REDUCIBLE_MODES else img
 
 
 def load_rgb(data: bytes, max_side: int | None = None) -> Image.Image:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from ps3_engine.pipeline.samples import synthetic_scene
 from ps3_engine.stages.crawl import CrawlConfig
-from ps3_engine.stages.imaging import ImageRejected, PixelBudget, inspect_image, load_rgb
+from ps3_engine.stages.imaging import ImageRejected, PixelBudget, hamming_distance, inspect_image, load_rgb
 from tests.support.zoo import animation, big_text_chunk_png, corrupt_mid_stream, float_tiff
 
 ALLOWED = frozenset(CrawlConfig().allowed_formats)
@@ -203,3 +205,37 @@ def test_validation_holds_the_budget_for_stored_pixels_and_releases_it():
     assert inspect(data, budget=budget).width == 320
     with budget.hold(1):  # released: a new holder does not wait
         pass
+
+
+MEMORY_CHILD = """
+import resource, sys
+from PIL import Image
+from ps3_engine.stages.imaging import inspect_image, use_large_decode_blocks
+data = open(sys.argv[1], "rb").read()
+use_large_decode_blocks()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+facts = inspect_image(data, content_type=None, max_pixels=64_000_000, allowed_formats=frozenset({"PNG"}))
+print(facts.mode, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("mode", ["I;16", pytest.param("RGBA", marks=pytest.mark.slow)])  # RGBA: ~25 s
+def test_sibling_validating_a_64_mp_png_of_a_wide_mode_stays_near_its_decoded_size(tmp_path, mode):
+    """A 16-bit grey 7999x7999 PNG (142 KB) took ~1.9 GB to validate (float64 copies); RGBA ~1 GB before."""
+    if mode == "I;16":
+        image = Image.fromarray(np.full((7999, 7999), 30000, dtype=np.uint16))
+    else:
+        image = Image.new("RGBA", (7999, 7999), (0, 128, 128, 200))
+    path = tmp_path / "wide.png"
+    image.save(path)
+    del image
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], capture_output=True, text=True, check=True)
+    found_mode, growth_mb = done.stdout.split()
+    assert found_mode == mode
+    assert int(growth_mb) < 600  # decoded size: 128 MB (I;16) / 256 MB (RGBA), plus a reduced copy
+
+
+def test_reduced_16_bit_hash_matches_the_8_bit_rendering():
+    scene = synthetic_scene(2100, 1500, 8).convert("L")
+    sixteen = Image.fromarray(np.asarray(scene, dtype=np.uint16) * 257)  # full 16-bit range, same picture
+    assert hamming_distance(inspect(encode(sixteen, "PNG")).phash, inspect(encode(scene, "PNG")).phash) <= 4
