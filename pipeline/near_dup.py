@@ -48,6 +48,7 @@ class EdgeSink:
     _parts: list[np.ndarray] = field(default_factory=list)
     _buffered: int = 0
     _folded: int = 0
+    _labels: np.ndarray | None = None
     # Id of the last large group searched exhaustively that holds each node (-1: none). A group that
     # falls wholly inside one such group again (dense hashes do, table after table) has no new pair.
     _searched: np.ndarray | None = None
@@ -66,11 +67,16 @@ class EdgeSink:
         self._num_searched += 1
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self._labels is not None and a.size:
+            # An edge inside a component known at the last fold adds nothing (dense clusters repeat them).
+            crossing = self._labels[a] != self._labels[b]
+            a, b = a[crossing], b[crossing]
         if a.size:
             self._parts.append(np.stack([a, b]).astype(np.int64, copy=False))
             self._buffered += a.size
             if self._buffered > max(EDGE_BUFFER, 2 * self._folded):
-                self._parts = [_star_edges(self.labels())]
+                self._labels = self.labels()
+                self._parts = [_star_edges(self._labels)]
                 self._buffered = self._folded = self._parts[0].shape[1]
 
     def add_linked(self, ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:

@@ -1,0 +1,196 @@
+"""Paper-scale figures (issue 15). Part built so far: cross-shard dedup over synthetic crawl shards.
+
+Run:  .venv/bin/python benchmarks/scale.py dedup --sizes 1000000 3000000 10000000 --write-docs
+
+For each size N the script writes N synthetic crawl rows as committed crawl shards (``--shard-rows`` rows
+each, the hash columns only: item_id, shard_id, source_ref, sha256, phash, width, height, num_bytes; no
+image bytes), then runs ``pipeline.dedup.run_dedup`` in a fresh child process and reports its wall time
+and peak RSS (the child's ``ru_maxrss``): once from scratch, then once more after 1% more rows arrive in
+new shards (the incremental path: only the new shards are read, only pairs with a new pHash searched).
+
+Rows: 80% distinct random pHashes, 8% near variants of them (1-6 random bit flips, so some are beyond the
+distance), 2% blank images (distinct bytes; pHash 0, or 1-2 bits set for a quarter of them: a dense group
+in every table), 10% byte copies of earlier images; then shuffled. (tests/pipeline/test_dedup_scale.py
+checks denser groups, e.g. thousands of distinct pHashes of popcount <= 4, for exactness.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import machine_description, replace_doc_section
+from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.dedup import HASH_COLUMNS, run_dedup
+from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.schemas import ERROR_SCHEMA
+from ps3_engine.schemas.image import IMAGE_SCHEMA
+
+logger = logging.getLogger("benchmarks.scale")
+HASH_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in HASH_COLUMNS])
+DOC_TITLE = "Paper-scale dedup (benchmarks/scale.py dedup)"
+
+
+def synthetic_hashes(num_rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-row image id, pHash, size and bytes (see the module docstring for the mix)."""
+    rng = np.random.default_rng(seed)
+    num_near, num_blank = num_rows * 8 // 100, num_rows * 2 // 100
+    num_base = num_rows * 80 // 100
+    num_images = num_base + num_near + num_blank
+    base = rng.integers(0, 2**64, num_base, dtype=np.uint64)
+    flips = np.zeros(num_near, np.uint64)
+    for count in range(6):
+        bit = np.uint64(1) << rng.integers(0, 64, num_near).astype(np.uint64)
+        flips |= np.where(rng.integers(0, 6, num_near) >= count, bit, np.uint64(0))
+    near = base[rng.integers(0, num_base, num_near)] ^ flips
+    # Blank images: three in four hash to 0, the rest to one of the 2,080 values with 1-2 bits set.
+    blank = np.zeros(num_blank, np.uint64)
+    for _ in range(2):
+        bit = np.uint64(1) << rng.integers(0, 64, num_blank).astype(np.uint64)
+        blank |= np.where(rng.random(num_blank) < 0.25, bit, np.uint64(0))
+    phash = np.concatenate([base, near, blank])
+    image = np.concatenate([np.arange(num_images), rng.integers(0, num_images, num_rows - num_images)])
+    image = image[rng.permutation(num_rows)]
+    width = rng.choice([1024, 2048, 3840], num_images).astype(np.int32)
+    height = rng.choice([768, 1536, 2160], num_images).astype(np.int32)
+    num_bytes = rng.integers(200_000, 3_000_000, num_images)
+    return {
+        "image": image,
+        "phash": phash[image],
+        "width": width[image],
+        "height": height[image],
+        "num_bytes": num_bytes[image],
+    }
+
+
+def shard_table(shard_id: str, rows: dict[str, np.ndarray]) -> pa.Table:
+    images = rows["image"].tolist()
+    return pa.table(
+        {
+            "item_id": [f"{shard_id}-{i:05d}" for i in range(len(images))],
+            "shard_id": [shard_id] * len(images),
+            "source_ref": [f"https://img{i % 997}.example.com/photos/{i:010d}.jpg" for i in images],
+            "sha256": [f"{i * 0x9E3779B97F4A7C15 % 2**64:016x}" * 4 for i in images],
+            "phash": rows["phash"],
+            "width": rows["width"],
+            "height": rows["height"],
+            "num_bytes": rows["num_bytes"],
+        },
+        schema=HASH_SCHEMA,
+    )
+
+
+def write_shards(layout: RunLayout, rows: dict[str, np.ndarray], start: int, stop: int, shard_rows: int) -> int:
+    """Commit rows [start, stop) as crawl shards named by their first row (so later rows sort later)."""
+    count = 0
+    for first in range(start, stop, shard_rows):
+        shard_id = f"{first:012d}"
+        part = {name: column[first : min(first + shard_rows, stop)] for name, column in rows.items()}
+        task = ShardTask(stage="crawl", shard_id=shard_id, input_key="", input_checksum="", input_shards=())
+        layout.commit_shard(
+            task,
+            fingerprint="synthetic",
+            output=shard_table(shard_id, part),
+            errors=ERROR_SCHEMA.empty_table(),
+            attempt=1,
+            wall_seconds=0.0,
+        )
+        count += 1
+    return count
+
+
+def child(root: str, max_distance: int) -> None:
+    """Run the dedup once in this (fresh) process and print its figures as JSON."""
+    started = time.perf_counter()
+    outcome = run_dedup(RunLayout(Storage(root)), max_distance)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "peak_rss": peak, **outcome.__dict__}))
+
+
+def run_child(root: Path, max_distance: int) -> dict:
+    command = [sys.executable, __file__, "child", "--root", str(root), "--max-distance", str(max_distance)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(size: int, args: argparse.Namespace, work: Path) -> dict:
+    extra = size // 100
+    rows = synthetic_hashes(size + extra, seed=size)
+    root = work / f"run-{size}"
+    layout = RunLayout(Storage(str(root)))
+    started = time.perf_counter()
+    shards = write_shards(layout, rows, 0, size, args.shard_rows)
+    logger.info("size %d: %d shards written in %.0f s", size, shards, time.perf_counter() - started)
+    scratch = run_child(root, args.max_distance)
+    write_shards(layout, rows, size, size + extra, args.shard_rows)
+    incremental = run_child(root, args.max_distance)
+    assert incremental["incremental"] and incremental["rows_read"] == extra, incremental
+    shutil.rmtree(root)
+    result = {"size": size, "shards": shards, "extra": extra, "scratch": scratch, "incremental": incremental}
+    logger.info("size %d: %s", size, json.dumps(result))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| rows | shards | from scratch (s) | peak RSS (GB) | time growth | rows kept | exact drops | near drops "
+        "| +1% rows, incremental (s) | its peak RSS (GB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(results):
+        s, inc = r["scratch"], r["incremental"]
+        prev = results[i - 1] if i else None
+        growth = "-"
+        if prev:
+            growth = f"x{s['seconds'] / prev['scratch']['seconds']:.2f} for x{r['size'] / prev['size']:.1f} rows"
+        lines.append(
+            f"| {r['size']:,} | {r['shards']:,} | {s['seconds']:.1f} | {s['peak_rss'] / 1e9:.2f} | {growth} "
+            f"| {s['kept']:,} | {s['dropped_exact']:,} | {s['dropped_near']:,} | {inc['seconds']:.1f} "
+            f"| {inc['peak_rss'] / 1e9:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("dedup", help="time run_dedup over synthetic crawl shards")
+    bench.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
+    bench.add_argument("--shard-rows", type=int, default=10_000)
+    bench.add_argument("--max-distance", type=int, default=4)
+    bench.add_argument("--work-dir", default=None, help="where the synthetic runs go (default: a temp dir)")
+    bench.add_argument("--write-docs", action="store_true")
+    one = sub.add_parser("child", help=argparse.SUPPRESS)
+    one.add_argument("--root", required=True)
+    one.add_argument("--max-distance", type=int, required=True)
+    args = parser.parse_args()
+    if args.command == "child":
+        child(args.root, args.max_distance)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        results = [measure(size, args, Path(tmp)) for size in args.sizes]
+    report = table(results)
+    sys.stdout.write(report + "\n")
+    if args.write_docs:
+        command = "`.venv/bin/python benchmarks/scale.py dedup " + " ".join(sys.argv[2:]).replace(" --write-docs", "")
+        body = f"Command: {command} --write-docs`\n\n{machine_description()}\n\n{report}\n"
+        replace_doc_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", DOC_TITLE, body)
+
+
+if __name__ == "__main__":
+    main()
