@@ -95,8 +95,8 @@ def _stored_type(data_type: pa.DataType) -> pa.DataType:
 def extra_columns_schema(source_lists: Iterable[str], s3: S3Settings) -> pa.Schema:
     """The extra columns of ``source_lists`` as Arrow fields, in first-seen order (see the module doc).
 
-    A list that cannot be read any more (moved, deleted) contributes no column; it is logged, and its
-    rows' values are then not typed (they stay in no column).
+    A list that cannot be read any more (moved, deleted) declares no column (logged): its rows' extra
+    values appear only under columns that another, readable list declares.
     """
     declared: dict[str, list[tuple[pa.DataType, str]]] = {}
     for source in sorted(set(source_lists)):
