@@ -182,7 +182,8 @@ class CaptionStage(Stage):
         if config.backend == "vllm":
             return Resources(
                 num_cpus=1.0,
-                num_gpus=float(config.vllm.tensor_parallel_size),
+                # vLLM's CPU build (device=cpu) asks Ray for no GPU; the CUDA build for all of its tensor parallel.
+                num_gpus=float(config.vllm.tensor_parallel_size) if config.vllm.device == "cuda" else 0.0,
                 uses_model=True,
                 max_workers=config.max_workers,
                 batch_size=config.batch_size,

@@ -56,6 +56,8 @@ class CaptionResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    # Prompt tokens served from the engine's prefix cache (vLLM; 0 where a backend cannot tell).
+    cached_tokens: int = 0
     error_reason: str | None = None
     error_message: str = ""
     transient: bool = False
@@ -110,7 +112,7 @@ def generate_isolating_failures(
                 CaptionResult(
                     request_id=requests[0].request_id,
                     error_reason=reason,
-                    error_message=f"{type(exc).__name__}: {exc}"[:2000],
+                    error_message=describe_failure(exc)[:2000],
                 )
             ]
         middle = len(requests) // 2
@@ -119,6 +121,16 @@ def generate_isolating_failures(
             *generate_isolating_failures(requests[:middle], run_batch, is_out_of_memory),
             *generate_isolating_failures(requests[middle:], run_batch, is_out_of_memory),
         ]
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``Type: message``, followed by its direct cause: engines wrap the processor's reason (vLLM's
+    "Failed to apply Qwen2VLProcessor" hides "aspect ratio must be smaller than 200" in ``__cause__``)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and str(cause) not in text:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text
 
 
 def torch_out_of_memory(exc: BaseException) -> bool:

@@ -145,6 +145,8 @@ def _parse_completion(request_id: str, data: bytes, began: float) -> CaptionResu
         choice = payload["choices"][0]
         text = choice["message"]["content"] or ""
         usage = payload.get("usage") or {}
+        # vLLM reports prefix-cache hits here when started with --enable-prompt-tokens-details.
+        cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         return CaptionResult(
             request_id=request_id,
@@ -159,6 +161,7 @@ def _parse_completion(request_id: str, data: bytes, began: float) -> CaptionResu
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         latency_ms=latency_ms,
+        cached_tokens=cached_tokens,
     )
 
 
