@@ -127,7 +127,9 @@ def parse_opt_out(headers: Mapping[str, str], tokens: tuple[str, ...]) -> str | 
     return None
 
 
-def source_policy_error(item: Mapping[str, Any], *, allow_local_files: bool) -> FetchError | None:
+def source_policy_error(
+    item: Mapping[str, Any], *, allow_local_files: bool, option: str = "crawl.allow_local_files"
+) -> FetchError | None:
     """Why an item planned from a source may not be fetched (a permanent FetchError), or None.
 
     Planning marks a URL-list row it could not use as ``source_kind="invalid"`` with the reason and
@@ -145,7 +147,7 @@ def source_policy_error(item: Mapping[str, Any], *, allow_local_files: bool) -> 
     if kind == "local" and not allow_local_files:
         return FetchError(
             "local_file_refused",
-            "URL lists fetch http(s) and s3:// only; set crawl.allow_local_files=true to read local paths "
+            f"URL lists fetch http(s) and s3:// only; set {option}=true to read local paths "
             "(or pass the folder itself as a source)",
             transient=False,
         )

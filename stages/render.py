@@ -194,7 +194,9 @@ class RenderStage(Stage):
     def _fetch_or_error(self, item: dict[str, Any]) -> tuple[bytes, str | None] | FetchError:
         """``(body, final_url)`` of the item, or the ``FetchError`` that stopped it."""
         ref = item["source_ref"]
-        refused = source_policy_error(item, allow_local_files=self.config.allow_local_files)
+        refused = source_policy_error(
+            item, allow_local_files=self.config.allow_local_files, option="render.allow_local_files"
+        )
         if refused is not None:
             return refused
         try:
