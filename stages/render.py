@@ -311,6 +311,11 @@ class RenderStage(Stage):
         if not words:
             raise DocumentRejected("no_text", f"no words from {text_source} ({engine})", "filtered")
         page_id = page_id_for(base["item_id"], base["doc_sha256"], page_index, config.dpi)
+        regions = self._regions(words, geometry, page_id)
+        if not regions:  # e.g. 3 words and only word runs of at least 5 chosen: nothing to caption
+            raise DocumentRejected(
+                "no_text", f"{len(words)} words form no {'/'.join(config.schemes)} region", "filtered"
+            )
         width_pt, height_pt = geometry.displayed_size_pt
         return {
             **base,
@@ -326,7 +331,7 @@ class RenderStage(Stage):
             "text_source": text_source,
             "text_engine": engine,
             "num_words": len(words),
-            "regions": self._regions(words, geometry, page_id),
+            "regions": regions,
             "rendered_at": datetime.now(UTC),
         }
 

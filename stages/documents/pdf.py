@@ -10,14 +10,21 @@ whitespace and at the line breaks pdfium inserts, mapped into rendered-page pixe
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from PIL import Image
 
-from ps3_engine.stages.documents.text_regions import PageGeometry, Word, assign_blocks, points_to_pixels, rendered_size
+from ps3_engine.stages.documents.text_regions import (
+    PageGeometry,
+    Word,
+    assign_blocks,
+    points_to_pixels,
+    rendered_size,
+    union_box,
+)
 
 PDFIUM_VERSION = f"pdfium {pdfium.version.PDFIUM_INFO.tag} (pypdfium2 {pdfium.version.PYPDFIUM_INFO.version})"
 _LINE_BREAK = 0x0A
@@ -84,23 +91,51 @@ def render_page(page: pdfium.PdfPage, geometry: PageGeometry) -> Image.Image:
 
 
 def text_layer_words(page: pdfium.PdfPage, geometry: PageGeometry, block_gap_factor: float = 0.8) -> list[Word]:
-    """Words of the page's text layer in reading (content) order, boxes in rendered-page pixels."""
+    """Words of the page's visible text layer in reading order, boxes in rendered-page pixels.
+
+    Reading order is the page's own, whatever its ``/Rotate``: pdfium orders the characters of a
+    rotated page by their displayed position (a page shown upside down came back with its lines in
+    reverse and every line a new block), so the characters are read with the rotation lifted, and
+    blocks are found on the unrotated page; only the boxes are mapped onto the displayed bitmap.
+    Words outside the visible page box (text drawn off the page, or cropped away) are dropped: they
+    are not on the rendered image.
+    """
+    rotation = page.get_rotation()
     try:
-        textpage = page.get_textpage()
-    except pdfium.PdfiumError as exc:
-        raise DocumentRejected("broken_pdf", f"unreadable text layer: {exc}") from exc
-    try:
-        spans = _char_spans(textpage)
+        if rotation:
+            page.set_rotation(0)
+        try:
+            textpage = page.get_textpage()
+        except pdfium.PdfiumError as exc:
+            raise DocumentRejected("broken_pdf", f"unreadable text layer: {exc}") from exc
+        try:
+            spans = _char_spans(textpage)
+        finally:
+            textpage.close()
     finally:
-        textpage.close()
+        if rotation:
+            page.set_rotation(rotation)
     if not spans:
         return []
-    boxes = points_to_pixels(np.array([box for _, box, _ in spans]), geometry)
-    words = [
+    boxes_pt = np.array([box for _, box, _ in spans])
+    # The same bitmap scale with the page unrotated: the frame in which lines run down the page.
+    turned = geometry.rotation in (90, 270)
+    upright = replace(
+        geometry,
+        rotation=0,
+        width=geometry.height if turned else geometry.width,
+        height=geometry.width if turned else geometry.height,
+    )
+    displayed = points_to_pixels(boxes_pt, geometry)
+    reading = [
         Word(text, float(b[0]), float(b[1]), float(b[2]), float(b[3]), line, 0)
-        for (text, _, line), b in zip(spans, boxes, strict=True)
+        for (text, _, line), b in zip(spans, points_to_pixels(boxes_pt, upright), strict=True)
     ]
-    return assign_blocks(words, block_gap_factor)
+    words = [
+        replace(word, x0=float(b[0]), y0=float(b[1]), x1=float(b[2]), y1=float(b[3]))
+        for word, b in zip(assign_blocks(reading, block_gap_factor), displayed, strict=True)
+    ]
+    return [w for w in words if union_box([w], geometry.width, geometry.height) is not None]
 
 
 def _char_spans(textpage: pdfium.PdfTextPage) -> list[tuple[str, tuple[float, float, float, float], int]]:

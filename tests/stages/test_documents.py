@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pypdfium2 as pdfium
 import pytest
 from PIL import Image
 from reportlab.lib.pdfencrypt import StandardEncryption
+from reportlab.pdfgen import canvas
 
 from ps3_engine.infra.static_server import serve_directory
 from ps3_engine.infra.storage import Storage
@@ -458,3 +460,80 @@ def test_run_with_documents_only_builds_a_document_corpus(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     summary = json_module.loads((run_root / "summary.json").read_text())
     assert {"render", "build-corpus"} <= set(summary["stages"])
+
+
+# -- reading order under page rotation, and text the page does not show ------------------------------
+
+
+def test_rotated_pages_give_the_same_regions_in_reading_order(tmp_path):
+    """A page displayed upside down once made every line its own sentence (25 instead of 14) and
+    changed the word runs; whatever the /Rotate, the regions are the unrotated page's, in its order."""
+    generated = text_pdf(1, paragraphs=3, lines_per_paragraph=4, seed=3)
+    known = [placed.text for placed in generated.pages[0]]
+    upright_runs = None
+    for rotation in (0, 90, 180, 270):
+        pages, errors = render(tmp_path, {"rot.pdf": rotated_pdf(generated.data, rotation)}, text_source="text_layer")
+        assert errors == []
+        (page,) = pages
+        sentences = regions_of(page, "sentence")
+        assert [s["text"] for s in sentences] == known, rotation
+        for sentence, placed in zip(sentences, generated.pages[0], strict=True):
+            expected = rotate_box(to_pixels(placed.box_pt, 792, 150), rotation, *LETTER_PX_150)
+            assert iou(box(sentence), expected) >= 0.5, (rotation, sentence["text"])
+        runs = [r["text"] for r in regions_of(page, "word_run")]
+        assert runs == (upright_runs := upright_runs or runs), rotation
+
+
+def off_page_pdf(crop: tuple[float, float, float, float] | None = None) -> bytes:
+    """One letter page: a sentence drawn right of the page, one below it, and (when ``crop`` is given)
+    visible text that the crop box may hide."""
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=(612, 792), invariant=1)
+    pdf.setFont("Helvetica", 12)
+    pdf.drawString(700, 400, "Drawn right of the page where nobody sees it.")
+    pdf.drawString(100, -50, "Drawn below the page as well.")
+    if crop is not None:
+        pdf.drawString(72, 700, "Top sentence stays in view.")
+        pdf.drawString(72, 100, "Bottom sentence is cropped away.")
+    pdf.showPage()
+    pdf.save()
+    if crop is None:
+        return buffer.getvalue()
+    document = pdfium.PdfDocument(buffer.getvalue())
+    document[0].set_cropbox(*crop)
+    out = io.BytesIO()
+    document.save(out)
+    document.close()
+    return out.getvalue()
+
+
+def test_text_outside_the_visible_page_is_no_text(tmp_path):
+    """The issue's instance: words only outside the page box were kept as a page with 0 regions."""
+    pages, errors = render(tmp_path, {"off.pdf": off_page_pdf()}, text_source="text_layer")
+    assert pages == []
+    assert [(e["category"], e["reason"]) for e in errors] == [("filtered", "no_text")]
+
+
+def test_text_cropped_away_by_the_crop_box_is_not_a_region(tmp_path):
+    """A sibling: the visible page box is the crop box, and half the page's text lies outside it."""
+    pages, errors = render(tmp_path, {"crop.pdf": off_page_pdf(crop=(0, 400, 612, 792))}, text_source="text_layer")
+    assert errors == []
+    (page,) = pages
+    assert (page["width"], page["height"]) == (1275, 817)  # 612 x 392 pt at 150 dpi
+    assert [s["text"] for s in regions_of(page, "sentence")] == ["Top sentence stays in view."]
+    assert all(0 <= r["y0"] < r["y1"] <= page["height"] for r in page["regions"])
+    _, hidden = render(tmp_path, {"none.pdf": off_page_pdf(crop=(0, 300, 612, 500))}, text_source="text_layer")
+    assert [(e["category"], e["reason"]) for e in hidden] == [("filtered", "no_text")]
+
+
+def test_words_that_form_no_region_are_no_text(tmp_path):
+    """A sibling: a page with 3 words and only 5-word runs chosen was kept with 0 regions."""
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=(612, 792), invariant=1)
+    pdf.setFont("Helvetica", 12)
+    pdf.drawString(72, 700, "Only three words.")
+    pdf.showPage()
+    pdf.save()
+    pages, errors = render(tmp_path, {"short.pdf": buffer.getvalue()}, text_source="text_layer", schemes=("word_run",))
+    assert pages == [] and [(e["category"], e["reason"]) for e in errors] == [("filtered", "no_text")]
+    assert "form no word_run region" in errors[0]["message"]
