@@ -27,7 +27,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import ValidationError
 
-from ps3_engine.infra.storage import Storage, parquet_bytes
+from ps3_engine.infra.storage import Storage, StorageError, parquet_bytes
 from ps3_engine.schemas import ERROR_SCHEMA, ManifestEntry
 from ps3_engine.schemas.error import redact_error_table
 from ps3_engine.schemas.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION
@@ -195,7 +195,12 @@ class RunLayout:
 
     def read_errors(self, stage: str) -> pa.Table:
         """The stage's whole errors table: per-shard error files plus, for crawl, dedup drops."""
-        tables = [self.read_shard_errors(stage, shard) for shard in sorted(self.manifests(stage))]
+        tables = []
+        for shard in sorted(self.manifests(stage)):
+            try:
+                tables.append(self.read_shard_errors(stage, shard))
+            except (StorageError, FileNotFoundError) as exc:  # damaged: the next rerun recomputes the shard
+                logger.warning("%s shard %s: errors not counted: %s", stage, shard, exc)
         if stage == "crawl" and self.storage.exists(self.DEDUP_KEY):
             tables.append(self.storage.read_parquet(self.DEDUP_KEY))
         if not tables:

@@ -101,7 +101,7 @@ def _stage_status(
         planned=len(tasks),
         done=states["done"],
         stale=states["stale"],
-        missing=states["missing"],
+        missing=states["missing"] + states["damaged"],  # damaged: files unlike the manifest, recomputed
         failed=failed,
         rows=sum(m.output_rows for m in manifests.values()) - rows_adjustment,
         error_rows=len(reasons),

@@ -14,6 +14,7 @@ from ps3_engine.pipeline.config import load_run_config
 from ps3_engine.pipeline.conservation import check_run
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.runner import run_crawl
+from ps3_engine.pipeline.status import run_status
 from ps3_engine.pipeline.verify import verify_run
 
 
@@ -111,6 +112,8 @@ def test_truncated_manifest_or_errors_file_is_recomputed(image_folder, tmp_path,
     _truncate(run_root / key)
     (problem,) = verify_run(layout)
     assert str(run_root / key) in problem.examples[0]
+    crawl_status = run_status(str(run_root))["stages"]["crawl"]  # status still answers, and counts it
+    assert (crawl_status.done, crawl_status.missing) == (2, 1)
     caplog.set_level(logging.WARNING)
     again = run_crawl(config_for(image_folder, run_root))
     assert (again.computed_shards, again.skipped_shards) == (1, 2)
