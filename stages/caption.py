@@ -43,6 +43,7 @@ from ps3_engine.stages.captioning.transformers_backend import TransformersCaptio
 from ps3_engine.stages.captioning.vllm_backend import VllmCaptioner, VllmSettings
 from ps3_engine.stages.geometry import BoxXYXY, fit_to_pixel_budget, is_inside
 from ps3_engine.stages.imaging import ImageRejected, load_rgb, stored_image_bytes
+from ps3_engine.stages.joins import first_row_per_image
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +136,15 @@ def resize_to_budget(image: Image.Image, config: CaptionConfig) -> Image.Image:
 
 
 def join_regions_with_images(regions: pa.Table, images: pa.Table) -> pa.Table:
-    """Group region rows by image and attach each image's bytes/reference (``CAPTION_INPUT_SCHEMA``)."""
+    """Group region rows by image and attach each image's bytes/reference (``CAPTION_INPUT_SCHEMA``).
+
+    One row per image, however many crawl rows hold it (:func:`first_row_per_image`).
+    """
     boxes: dict[str, list[dict[str, Any]]] = {}
     for row in regions.select(["image_id", "region_id", "x0", "y0", "x1", "y1", "rank"]).to_pylist():
         boxes.setdefault(row["image_id"], []).append(row)
     wanted = pa.array(sorted(boxes), pa.string())
-    images = images.filter(pc.is_in(images.column("image_id"), wanted))
+    images = first_row_per_image(images.filter(pc.is_in(images.column("image_id"), wanted)))
     rows = []
     for image in images.to_pylist():
         ranked = sorted(boxes[image["image_id"]], key=lambda r: r["rank"])
