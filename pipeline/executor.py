@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
@@ -44,9 +44,11 @@ PREPARE_MEMORY_BYTES = 512 * 2**20
 # reference (ray.put of the map transformer), and Ray refuses to promise the restart of an actor whose
 # constructor arguments live in the object store: with Ray Data's default max_restarts=-1 each actor
 # creation logged an error-level line ("constructor arguments in the object store and max_restarts > 0").
-# Recovery is per shard instead: a lost actor's unreported shards become failed reports (see
-# _reports_or_lost) and the next run recomputes exactly those, as for any failed shard.
+# Recovery is per shard instead: when a worker is lost the Ray Data run stops, and the shards that had
+# not reported run again in a fresh Ray Data run (fresh actors), up to MAX_RAY_RUNS runs in all; after
+# that they become failed reports, which the next pipeline run recomputes (see _reports_retrying_lost).
 ACTOR_RESTART_ARGS: dict[str, Any] = {"max_restarts": 0}
+MAX_RAY_RUNS = 2
 
 
 class ExecutorConfig(BaseModel):
@@ -221,8 +223,11 @@ class RayDataExecutor:
         marker = RunningMarker(storage, stage_name, [t.shard_id for t in tasks])
         with marker, RayProgressPoller(progress) as poller:
             try:
-                mapped = self._plan(spec, storage, fingerprint, tasks, resources, num_workers, poller.callback)
-                yield from _progress(_reports_or_lost(mapped, tasks), progress, marker)
+
+                def plan(remaining: Sequence[ShardTask]) -> Any:
+                    return self._plan(spec, storage, fingerprint, remaining, resources, num_workers, poller.callback)
+
+                yield from _progress(_reports_retrying_lost(plan, tasks), progress, marker)
             finally:
                 progress.close()
 
@@ -292,23 +297,42 @@ class RayDataExecutor:
         return mapped
 
 
-def _reports_or_lost(mapped: Any, tasks: Sequence[ShardTask]) -> Iterator[ShardReport]:
-    """The shard reports of a Ray Data run; if the run dies (a worker lost, a node gone), a failed
-    report for every shard that had not reported, so the run goes on and a rerun recomputes them."""
+def _reports_retrying_lost(
+    plan: Callable[[Sequence[ShardTask]], Any], tasks: Sequence[ShardTask]
+) -> Iterator[ShardReport]:
+    """The shard reports of Ray Data runs over ``tasks``. When a run dies (a worker lost, a node gone),
+    the shards that had not reported run again in a fresh run; after :data:`MAX_RAY_RUNS` runs they get
+    failed reports, so the pipeline goes on and its next run recomputes them. Rerunning a shard is safe:
+    commits are atomic and deterministic."""
     import ray.exceptions
 
-    reported = set()
-    try:
-        for row in mapped.iter_rows():
-            report = ShardReport(**json.loads(row["report"]))
-            reported.add(report.shard_id)
-            yield report
-    except ray.exceptions.RayError as exc:
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        lost = [t for t in tasks if t.shard_id not in reported]
-        logger.warning("%s: the Ray run stopped (%s); %d shards marked failed", tasks[0].stage, reason, len(lost))
-        for task in lost:
-            yield ShardReport(task.stage, task.shard_id, "failed", message=f"Ray worker lost: {reason}")
+    remaining = list(tasks)
+    for attempt in range(1, MAX_RAY_RUNS + 1):
+        reported = set()
+        try:
+            for row in plan(remaining).iter_rows():
+                report = ShardReport(**json.loads(row["report"]))
+                reported.add(report.shard_id)
+                yield report
+            return
+        except ray.exceptions.RayError as exc:
+            text = str(exc).strip()
+            reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            remaining = [t for t in remaining if t.shard_id not in reported]
+            if not remaining:  # the run died after its last report: nothing is lost
+                return
+            stage = remaining[0].stage
+            if attempt < MAX_RAY_RUNS:
+                logger.warning(
+                    "%s: the Ray run stopped (%s); running its %d unreported shards again",
+                    stage,
+                    reason,
+                    len(remaining),
+                )
+                continue
+            logger.warning("%s: the Ray run stopped again (%s); %d shards marked failed", stage, reason, len(remaining))
+            for task in remaining:
+                yield ShardReport(task.stage, task.shard_id, "failed", message=f"the Ray run failed (a worker lost or a worker setup error): {reason}")
 
 
 def _prepare_tasks(

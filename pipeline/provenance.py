@@ -50,7 +50,8 @@ def _declared_columns(source: str, s3: S3Settings) -> list[pa.Field]:
         with fs.open_input_file(path) as handle:
             return list(pq.read_schema(handle))
     with fs.open_input_stream(path) as stream:
-        head = stream.read(_CSV_HEADER_BYTES).decode("utf-8", errors="replace")
+        # utf-8-sig: a byte-order mark is not part of the first column's name (as pipeline/sources.py reads it).
+        head = stream.read(_CSV_HEADER_BYTES).decode("utf-8-sig", errors="replace")
     header = next(csv.reader(io.StringIO(head)), [])
     return [pa.field(name, pa.string()) for name in header]
 

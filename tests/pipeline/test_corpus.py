@@ -438,7 +438,7 @@ def test_extra_columns_take_the_lists_declared_types(tmp_path):
     first, second, text = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.csv"
     pq.write_table(pa.table({"URL": ["u"], "n": pa.array([1], pa.int32()), "image_id": ["x"], "Licence": ["l"]}), first)
     pq.write_table(pa.table({"url": ["u"], "n": pa.array([2], pa.int64()), "blob": pa.array([b"\x00"])}), second)
-    text.write_text("image_url,caption,k\nhttp://x/a.jpg,a cat,3\n")
+    text.write_bytes("\ufeffimage_url,caption,k\nhttp://x/a.jpg,a cat,3\n".encode())  # with a byte-order mark
     lists = [str(first), str(second)]
     schema = extra_columns_schema([*lists, str(text), str(tmp_path)], S3Settings())  # a folder adds none
     assert [(f.name, str(f.type)) for f in schema] == [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from ps3_engine.infra.storage import Storage
-from ps3_engine.pipeline.executor import ExecutorConfig, InProcessExecutor
+from ps3_engine.pipeline.executor import ExecutorConfig, InProcessExecutor, RayDataExecutor
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.progress import ItemCounts, ItemProgress, RayProgressPoller
 from ps3_engine.pipeline.shard_runner import StageSpec, run_shard
@@ -67,8 +69,6 @@ def test_ray_workers_report_through_the_progress_actor(ray_local):
 def test_a_healthy_ray_actor_pool_run_prints_no_error_line(ray_local, tmp_path, capfd):
     """Model actors are created with max_restarts=0: Ray logs an error-level line for restartable actors
     whose constructor arguments are in the object store, as Ray Data's always are."""
-    from ps3_engine.pipeline.executor import RayDataExecutor
-
     storage = Storage(str(tmp_path))
     tasks = write_tasks(storage, SHARDS)
     executor = RayDataExecutor(ExecutorConfig(progress=False))
@@ -77,3 +77,27 @@ def test_a_healthy_ray_actor_pool_run_prints_no_error_line(ray_local, tmp_path, 
     captured = capfd.readouterr()
     output = captured.out + captured.err
     assert "max_restarts" not in output and " E " not in output and "ERROR" not in output, output[-2000:]
+
+
+class DiesOnceStage(EchoModelStage):
+    """Echo, but the worker process exits on a ref ``die:FLAG`` the first time (FLAG does not exist yet)."""
+
+    def process_batch(self, batch, context):
+        for ref in batch.column("source_ref").to_pylist():
+            if ref.startswith("die:") and not Path(ref[4:]).exists():
+                Path(ref[4:]).touch()
+                os._exit(1)  # a lost actor (OOM kill, node loss), not an exception
+        return super().process_batch(batch, context)
+
+
+def test_shards_of_a_lost_actor_run_again_on_fresh_actors(ray_local, tmp_path):
+    storage = Storage(str(tmp_path / "run"))
+    shards = [list(refs) for refs in SHARDS]
+    shards[3][0] = f"die:{tmp_path / 'died-once'}"
+    tasks = write_tasks(storage, shards)
+    executor = RayDataExecutor(ExecutorConfig(progress=False))
+    reports = list(executor.run(StageSpec(DiesOnceStage, EchoConfig()), storage, "fp", tasks))
+    assert (tmp_path / "died-once").exists()  # the actor really died
+    assert sorted(r.shard_id for r in reports) == [t.shard_id for t in tasks]  # each shard reported once
+    assert all(r.status == "computed" for r in reports)
+    assert len(RunLayout(storage).manifests("echo")) == 6
