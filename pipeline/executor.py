@@ -332,7 +332,8 @@ def _reports_retrying_lost(
                 continue
             logger.warning("%s: the Ray run stopped again (%s); %d shards marked failed", stage, reason, len(remaining))
             for task in remaining:
-                yield ShardReport(task.stage, task.shard_id, "failed", message=f"the Ray run failed (a worker lost or a worker setup error): {reason}")
+                message = f"the Ray run failed (a worker lost or a worker setup error): {reason}"
+                yield ShardReport(task.stage, task.shard_id, "failed", message=message)
 
 
 def _prepare_tasks(
