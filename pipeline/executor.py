@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ps3_engine.infra.ray_cluster import ensure_ray as ensure_ray_cluster
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.logs import ray_console_enabled, route_ray_logs
@@ -158,23 +158,11 @@ class InProcessExecutor:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one.
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one (``infra.ray_cluster``).
 
     Under the CLI without -v, Ray's own lines (and its workers' output) go to the run's log file.
     """
-    import ray
-
-    if ray.is_initialized():
-        return
-    import ray.data  # configures its loggers on import; they are rerouted just below
-
-    route_ray_logs()
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        # A throwaway local cluster: Ray 2.60 would otherwise switch on token auth for it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=ray_console_enabled())
-    else:
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=ray_console_enabled())
+    ensure_ray_cluster(address, log_to_driver=ray_console_enabled(), before_init=route_ray_logs)
 
 
 class RayDataExecutor:

@@ -275,9 +275,14 @@ def test_crops_lie_inside_the_image_and_boxes_inside_the_output(width, height, s
     assert whole is not None
 
 
-def test_rasterised_boxes_include_partly_covered_pixels():
+def test_rasterised_boxes_are_inclusive_like_the_reference():
+    # open_clip_train/data.py: map[floor(y0):ceil(y1)+1, floor(x0):ceil(x1)+1] = 1
     gt_map = rasterise_box_xyxy((1.5, 2.0, 3.2, 4.0), 6)
-    assert gt_map[2:4, 1:4].all() and gt_map.sum() == 6
+    assert gt_map[2:5, 1:5].all() and gt_map.sum() == 12
+    whole = rasterise_box_xyxy((0.0, 0.0, 6.0, 6.0), 6)  # the global caption's box: clipped, whole image
+    assert whole.all()
+    thin = rasterise_box_xyxy((2.0, 2.0, 2.0, 3.0), 6)  # integer edges still mark both end pixels
+    assert thin[2:4, 2].all() and thin.sum() == 2
 
 
 # -- balancing, reading --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from transformers import SiglipConfig, SiglipModel
 
 from ps3_engine.training.ps3.config import PS3ModelConfig
 from ps3_engine.training.ps3.model import PS3CLIP, PS3VisionModel, encode_image
-from ps3_engine.training.ps3.selection import roll_over, select_top_k, split_budget
+from ps3_engine.training.ps3.selection import roll_over, round_plan, select_top_k, split_budget
 
 BATCH = 3
 SIZE = 224  # the tiny config's largest scale; grids 4 (low-res), 8 and 16
@@ -438,6 +438,53 @@ def test_paper_config_numbers():
     assert split_budget(cfg.max_select, cfg.scales[1:]) == [512, 2048]
     assert (cfg.conv_hidden, cfg.conv_blocks, cfg.embed_dim, cfg.logit_bias_init) == (512, 3, 1152, -10.0)
     assert PS3ModelConfig.paper_1p5k().vision["num_hidden_layers"] == 27
+
+
+def test_4k_config_numbers_and_per_scale_budgets():
+    cfg = PS3ModelConfig.paper_4k()
+    assert cfg.scales == [378, 756, 1512, 3780] and cfg.grid_sizes == [27, 54, 108, 270]
+    assert cfg.conv_input_size == 1512 and cfg.round_quotas == [85, 341, 2134]
+    assert cfg.max_highres_tokens == 87_480
+    own = PS3ModelConfig(**{**cfg.model_dump(), "select_per_scale": [160, 640, 1760]})
+    assert own.round_quotas == [160, 640, 1760]
+    with pytest.raises(ValueError, match="select_per_scale"):
+        PS3ModelConfig(**{**cfg.model_dump(), "select_per_scale": [100, 100, 100]})
+
+
+def _encode_by_plan(num_select: int, quotas: list[int], grids: list[int]) -> tuple[int, int, list[int]]:
+    """(rounds, patches taken, patches left per scale) when every round rolls over against the free patches."""
+    free = [g * g for g in grids]
+    plan = round_plan(num_select, quotas, sum(free))
+    taken = 0
+    for round_quotas in plan:
+        counts = roll_over(round_quotas, free)
+        free = [f - c for f, c in zip(free, counts, strict=True)]
+        taken += sum(counts)
+    return len(plan), taken, free
+
+
+@pytest.mark.parametrize(
+    ("cfg", "rounds", "tokens"),
+    [(PS3ModelConfig.paper_1p5k(), 6, 15_309), (PS3ModelConfig.paper_4k(), 35, 88_209)],
+    ids=["1.5K", "4K"],
+)
+def test_all_patches_are_encoded_in_the_reference_round_count(cfg, rounds, tokens):
+    # the reference: num_look_close="all" runs ceil(max_patches / 2560) rounds of the full per-scale quotas
+    num_rounds, taken, left = _encode_by_plan(10**9, cfg.round_quotas, cfg.grid_sizes[1:])
+    assert (num_rounds, cfg.grid_sizes[0] ** 2 + taken, left) == (rounds, tokens, [0] * len(left))
+
+
+def test_a_smaller_budget_runs_full_rounds_then_a_rescaled_last_one():
+    assert round_plan(5000, [85, 341, 2134], 87_480) == [[85, 341, 2134], [81, 325, 2034]]
+    assert round_plan(1000, [512, 2048], 14_580) == [[200, 800]]
+    assert round_plan(0, [512, 2048], 14_580) == []
+
+
+def test_the_tiny_model_encodes_every_patch_when_asked_for_all(vision):
+    out = encode_image(vision, _images(), num_select=10**6)
+    counts = [s.shape[1] for s in out.selected]
+    assert counts == [64, 256] and out.high_res_tokens.shape[1] == 320
+    assert all(bool((s.diff(dim=1) > 0).all()) for s in out.selected)  # every patch once, in raster order
 
 
 def test_bad_inputs_are_rejected(vision):

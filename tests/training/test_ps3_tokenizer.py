@@ -79,7 +79,7 @@ def test_a_tokenizer_under_an_s3_prefix_is_copied_once_and_loaded(siglip_tokeniz
 def test_a_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"not a sentencepiece model")
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "SiglipTokenizer"}')
-    with pytest.raises(ValueError, match="cannot load a tokenizer .*sentencepiece"):
+    with pytest.raises(ValueError, match=r"cannot load a tokenizer .*sentencepiece"):
         load_text_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         load_text_tokenizer(str(tmp_path / "absent"))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ps3_engine.infra.storage import S3Settings, Storage
 from ps3_engine.pipeline.cli import main
-from ps3_engine.pipeline.corpus import MANIFEST_KEY
+from ps3_engine.schemas.corpus import MANIFEST_KEY
 from ps3_engine.training.ps3.recipes import load_recipe
 from ps3_engine.training.ps3.tokenizer import build_tiny_text_tokenizer
 from ps3_engine.training.ps3.train import CorpusRejected, launch, lr_at
@@ -52,6 +52,40 @@ def test_recipes_validate_their_settings():
         load_recipe("nope")
 
 
+def test_paper_recipes_carry_the_reference_training_settings():
+    # train/scripts/ps3_{1.5k,4k}_siglip.sh: --precision amp, --grad-checkpointing, no --grad-clip-norm,
+    # no --token_selection_lr (the selection modules decay like the rest)
+    for name, batch, steps, scales in (
+        ("paper-1.5k", 8192, 9156, [378, 756, 1512]),
+        ("paper-4k", 4096, 18311, [378, 756, 1512, 3780]),
+    ):
+        paper = load_recipe(name)
+        assert (paper.precision, paper.grad_checkpointing, paper.grad_clip_norm) == ("fp16", True, None), name
+        assert paper.selection_lr is None and paper.selection_weight_decay == 0.0
+        assert paper.batch_size_per_worker * paper.num_workers == batch and paper.max_steps == steps
+        assert paper.model.scales == scales and paper.model.max_select == 2560
+    assert load_recipe("paper-1.5k", {"precision": "bf16"}).precision == "bf16"
+
+
+def test_selection_parameters_decay_unless_they_get_their_own_lr():
+    import torch
+
+    from ps3_engine.training.ps3.model import PS3CLIP
+    from ps3_engine.training.ps3.train import TrainState
+
+    recipe = load_recipe("debug", {"tokenizer": "unused"})
+    model = PS3CLIP.from_config(recipe.model)
+    prompt_proj = model.vision.selector.prompt_proj.fc1.weight
+
+    def group_of(state: TrainState) -> dict:
+        return next(g for g in state.optimizer.param_groups if any(p is prompt_proj for p in g["params"]))
+
+    assert group_of(TrainState.create(model, recipe))["weight_decay"] == recipe.weight_decay
+    own = TrainState.create(model, recipe.model_copy(update={"selection_lr": 1e-2, "selection_weight_decay": 0.0}))
+    assert (group_of(own)["lr"], group_of(own)["weight_decay"]) == (1e-2, 0.0)
+    assert isinstance(own.optimizer, torch.optim.AdamW)
+
+
 def test_a_broken_corpus_is_refused_before_anything_starts(corpus, debug_recipe, tmp_path):
     broken = tmp_path / "broken"
     storage = Storage(str(broken))
@@ -67,6 +101,7 @@ def test_checkpoints_to_s3_and_resumes_from_the_latest(ray_local, s3_server, s3_
     s3 = S3Settings()
     first = launch(str(corpus), debug_recipe, storage_path, "resume-me", s3)
     assert first.steps == 3 and first.metrics["resumed_from_step"] == 0
+    assert first.checkpoint_path and first.checkpoint_path.startswith(f"{storage_path}/resume-me/checkpoint_")
     assert all(math.isfinite(first.metrics[k]) for k in ("total", "contrastive", "prior_bce", "posterior_bce"))
     keys = [o.key for o in Storage(storage_path, s3).list("resume-me/")]
     assert any(k.endswith("state.pt") for k in keys) and any(k.endswith("recipe.json") for k in keys)

@@ -38,10 +38,10 @@ from ps3_engine.training.vila_hd.sft_dataset import (
     write_sft_dataset,
 )
 from ps3_engine.training.vila_hd.synthetic import SQUARE_COLOURS, SYNTHETIC_QUESTION, quadrant_samples
+from ps3_engine.training.vila_hd.tiny_tokenizer import build_tiny_chat_tokenizer
 from ps3_engine.training.vila_hd.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
-    build_tiny_chat_tokenizer,
     encode_conversation,
     load_chat_tokenizer,
     render_conversation,
@@ -356,7 +356,8 @@ def test_the_corpus_becomes_selection_and_grounded_qa_samples(corpus, tokenizer_
     example = SFTSampleTransform(image_size=64, tokenizer_path=tokenizer_dir, context_length=96)(selection.to_row())
     assert set(example["labels"].tolist()) == {IGNORE_INDEX}
     rows, cols = np.nonzero(example["evidence_map"])
-    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (16, 16, 40, 43)  # the box squashed to 64
+    # the box squashed to 64, rasterised inclusively (the reference marks the ceil row and column too)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (16, 16, 41, 44)
     assert caption_subject("The image is a close-up. Another.") == "the image is a close-up"
     assert (
         GroundedSampleMaker(kinds=("selection",), max_regions_per_image=1)(_corpus_row(corpus))[0].kind == "selection"
@@ -441,3 +442,56 @@ def test_cli_answers_with_the_requested_budget(tmp_path, capsys):
     argv = ["infer", "vila-hd", "--image", str(image), "--question", "Find the square coloured red"]
     assert main([*argv, "--num-select", "20", "--max-new-tokens", "4"]) == 0
     assert "20 high-res patches" in capsys.readouterr().out
+
+
+# ---- VILA's feature layer, low-res embeddings, 4K quotas ---------------------------------------------
+def test_the_projector_reads_the_second_to_last_block_as_vila_does(tokenizer, batch):
+    from ps3_engine.training.ps3.config import PS3ModelConfig
+
+    # selection from blocks 0-2 only, so that changing the last block cannot change which patches are picked
+    ps3 = PS3ModelConfig(**{**PS3ModelConfig.tiny().model_dump(), "select_layers": [0, 1, 2]})
+    model = _model(tokenizer, ps3=ps3).eval()
+    assert model.cfg.vision_select_layer == -2
+    with torch.no_grad():
+        before = model.encode(
+            batch["pixel_values"],
+            batch["input_ids"],
+            model.llm.get_input_embeddings()(batch["input_ids"]),
+            None,
+            48,
+            "after_image",
+        )
+        # neither the final LayerNorm nor the last block feeds the projector at layer -2
+        model.vision.vit.post_layernorm.weight.mul_(3.0)
+        model.vision.vit.encoder.layers[-1].mlp.fc2.bias.add_(5.0)
+        after = model.encode(
+            batch["pixel_values"],
+            batch["input_ids"],
+            model.llm.get_input_embeddings()(batch["input_ids"]),
+            None,
+            48,
+            "after_image",
+        )
+    torch.testing.assert_close(before.low_res, after.low_res)
+    for a, b in zip(before.high_res, after.high_res, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_low_res_tokens_get_the_position_map_and_their_own_scale_embedding(tokenizer, batch):
+    model = _model(tokenizer).eval()
+    assert model.high_res_positions.scale_embed.shape[0] == 3  # low-res + two high-res scales
+    embeds = model.llm.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        before = model.encode(batch["pixel_values"], batch["input_ids"], embeds, None, 0, "after_image")
+        model.high_res_positions.scale_embed[0].add_(0.5)
+        model.high_res_positions.pos_embed.add_(0.25)
+        after = model.encode(batch["pixel_values"], batch["input_ids"], embeds, None, 0, "after_image")
+    torch.testing.assert_close(after.low_res, before.low_res + 0.75)
+
+
+def test_the_4k_config_takes_the_paper_split_at_18_percent():
+    cfg = VilaHDConfig.production_4k(llm_path="/models/qwen2")
+    assert cfg.ps3.scales == [378, 756, 1512, 3780] and cfg.ps3.round_quotas == [1536, 6144, 7680]
+    assert cfg.low_res_token_grid**2 + cfg.num_select // 4 == 4036
+    assert cfg.selection_loss_weight == 1.0 and VilaHDConfig.production("/models/qwen2").selection_loss_weight == 1.0
+    assert VilaHDConfig(ps3=cfg.ps3, llm_pretrained="/m", num_select=10).selection_loss_weight == 0.0  # VILA's default

@@ -41,7 +41,8 @@ class PS3ModelConfig(BaseModel):
     ``scales`` run low to high; the first is the low-res pass and must give the same patch grid as the
     vision tower's position table (SigLIP-SO400M is configured at 384 px, whose 14-px grid is 27x27 like
     PS3's 378 px). ``max_select`` is the number of high-res patches per image in one selection round,
-    split across the high-res scales by pixel share (see ``selection.split_budget``).
+    split across the high-res scales by pixel share (see ``selection.split_budget``) unless
+    ``select_per_scale`` gives the split (the reference's ``max_select_num_each_scale``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,6 +54,7 @@ class PS3ModelConfig(BaseModel):
     patch_size: int = Field(14, ge=1)
     select_layers: list[int]
     max_select: int = Field(ge=1)
+    select_per_scale: list[int] | None = Field(None, description="patches per high-res scale in one round")
     conv_hidden: int = Field(512, ge=1)
     conv_blocks: int = Field(3, ge=0)
     embed_dim: int = Field(ge=1)
@@ -70,6 +72,15 @@ class PS3ModelConfig(BaseModel):
             raise ValueError(f"scales must increase, got {self.scales}")
         if any(s % self.patch_size for s in self.scales):
             raise ValueError(f"every scale must be a multiple of patch_size {self.patch_size}, got {self.scales}")
+        if self.select_per_scale is not None and (
+            len(self.select_per_scale) != len(self.scales) - 1
+            or sum(self.select_per_scale) != self.max_select
+            or min(self.select_per_scale) < 0
+        ):
+            raise ValueError(
+                f"select_per_scale {self.select_per_scale} must give one count >= 0 per high-res scale "
+                f"({len(self.scales) - 1}) summing to max_select {self.max_select}"
+            )
         if not self.select_layers or min(self.select_layers) < 0:
             raise ValueError(f"select_layers must be non-empty layer indices, got {self.select_layers}")
         if has_dicts:
@@ -81,6 +92,18 @@ class PS3ModelConfig(BaseModel):
     @property
     def num_highres_scales(self) -> int:
         return len(self.scales) - 1
+
+    @property
+    def round_quotas(self) -> list[int]:
+        """Patches per high-res scale in one full selection round (1.5K: [512, 2048]; 4K: [85, 341, 2134])."""
+        from ps3_engine.training.ps3.selection import split_budget
+
+        return list(self.select_per_scale) if self.select_per_scale else split_budget(self.max_select, self.scales[1:])
+
+    @property
+    def max_highres_tokens(self) -> int:
+        """Every high-res patch of every scale (1.5K: 14,580; 4K: 87,480)."""
+        return sum(g * g for g in self.grid_sizes[1:])
 
     @property
     def grid_sizes(self) -> list[int]:
@@ -143,6 +166,15 @@ class PS3ModelConfig(BaseModel):
             conv_blocks=3,
             embed_dim=1152,
         )
+
+    @classmethod
+    def paper_4k(cls, pretrained: str | None = None) -> PS3ModelConfig:
+        """PS3-4K-SigLIP (spec 2.1, 2.4): 378/756/1512/3780, 2560 patches a round ([85, 341, 2134]).
+
+        The conv branch still sees 1512 px (``conv_input_size``), as in the reference config.
+        """
+        base = cls.paper_1p5k(pretrained).model_dump()
+        return cls(**{**base, "scales": [378, 756, 1512, 3780]})
 
 
 def check_towers(cfg: PS3ModelConfig, vision: Any, text: Any) -> None:

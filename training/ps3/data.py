@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ps3_engine.infra.storage import S3Settings, Storage, read_uri_bytes
-from ps3_engine.pipeline.corpus import MANIFEST_KEY
-from ps3_engine.schemas.corpus import CORPUS_SCHEMA, SCHEMA_VERSION
+from ps3_engine.schemas.corpus import CORPUS_SCHEMA, MANIFEST_KEY, SCHEMA_VERSION
 from ps3_engine.stages.captioning.hygiene import strip_boilerplate
 from ps3_engine.stages.geometry import BoxXYXY
+from ps3_engine.training.common.skips import record_drop, record_skip
 from ps3_engine.training.ps3.tokenizer import load_text_tokenizer
 
 if TYPE_CHECKING:
@@ -51,7 +51,15 @@ CROP_ATTEMPTS = 10  # RandomResizedCrop's own attempts, and ours to keep the box
 
 
 class SampleError(Exception):
-    """A corpus row that cannot become a training sample (undecodable image, no usable caption, ...)."""
+    """A corpus row that cannot become a training sample; ``reason`` is the slug it is counted under.
+
+    Reasons: ``no_caption``, ``no_image``, ``undecodable_image``, ``size_mismatch``, ``box_out_of_view``
+    (PS3); ``prompt_too_long`` (VILA-HD).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # -- randomness ------------------------------------------------------------------------------------
@@ -80,28 +88,47 @@ def mask_sentences(text: str, rng: np.random.Generator) -> str:
     return " ".join(sentences[start:stop])
 
 
+def usable_regions(row: dict[str, Any], skip_counter: str | None = None) -> list[tuple[BoxXYXY, str]]:
+    """The (box, cleaned caption) pairs of a row whose caption is non-empty and whose box covers pixels.
+
+    A box with zero width or height, inverted, or wholly outside the image is left out and counted
+    (``dropped_regions/degenerate_box``), as is an empty caption (``dropped_regions/empty_caption``).
+    """
+    width, height = row.get("width") or 0, row.get("height") or 0
+    regions = []
+    for region in row.get("regions") or []:
+        caption = strip_boilerplate(region["caption"] or "")
+        x0, y0, x1, y1 = region["x0"], region["y0"], region["x1"], region["y1"]
+        if not caption:
+            record_drop(skip_counter, "empty_caption")
+        elif min(x1, width) <= max(x0, 0) or min(y1, height) <= max(y0, 0):
+            record_drop(skip_counter, "degenerate_box")
+        else:
+            regions.append((BoxXYXY(x0, y0, x1, y1), caption))
+    return regions
+
+
 def choose_caption(
-    row: dict[str, Any], rng: np.random.Generator, global_caption_prob: float
+    row: dict[str, Any], rng: np.random.Generator, global_caption_prob: float, skip_counter: str | None = None
 ) -> tuple[BoxXYXY | None, str]:
     """One (box, cleaned caption) for this pass; the box is None when the global caption was chosen.
 
     Rows with both kinds use the global caption with ``global_caption_prob``; rows with only a global
-    caption always use it; rows without one (documents) never do.
+    caption always use it; rows without one (documents) never do. Unusable regions are left out
+    (``usable_regions``).
 
     Raises:
-        SampleError: when the row has no non-empty caption of either kind.
+        SampleError: when the row has no usable caption of either kind.
     """
-    regions = []
-    for region in row.get("regions") or []:
-        caption = strip_boilerplate(region["caption"] or "")
-        if caption:
-            regions.append((BoxXYXY(region["x0"], region["y0"], region["x1"], region["y1"]), caption))
+    regions = usable_regions(row, skip_counter)
     global_caption = strip_boilerplate(row.get("global_caption") or "")
     use_global = rng.random() < global_caption_prob
     if global_caption and (use_global or not regions):
         return None, global_caption
     if not regions:
-        raise SampleError("the row has no usable caption")
+        raise SampleError(
+            "the row has no usable caption (no global caption, no region with a caption and a box)", "no_caption"
+        )
     return regions[int(rng.integers(len(regions)))]
 
 
@@ -167,9 +194,12 @@ def crop_keeping_box_xywh(
 
 
 def rasterise_box_xyxy(box: tuple[float, float, float, float], size: int) -> np.ndarray:
-    """Pixel GT map [size, size] uint8: 1 on every pixel the box touches (floor the start, ceil the end)."""
-    x0, y0 = min(math.floor(box[0]), size - 1), min(math.floor(box[1]), size - 1)
-    x1, y1 = max(min(math.ceil(box[2]), size), x0 + 1), max(min(math.ceil(box[3]), size), y0 + 1)
+    """Pixel GT map [size, size] uint8, inclusive like the reference: rows ``floor(y0)..ceil(y1)`` and
+    columns ``floor(x0)..ceil(x1)``, both ends included (``open_clip_train/data.py`` slices to ``ceil + 1``),
+    clipped to the image. A box reaching the image's end therefore marks the last row/column too.
+    """
+    x0, y0 = min(max(math.floor(box[0]), 0), size - 1), min(max(math.floor(box[1]), 0), size - 1)
+    x1, y1 = min(math.ceil(box[2]) + 1, size), min(math.ceil(box[3]) + 1, size)
     gt_map = np.zeros((size, size), dtype=np.uint8)
     gt_map[y0:y1, x0:x1] = 1
     return gt_map
@@ -203,6 +233,7 @@ class CorpusSampleTransform:
     seed: int = 0
     epoch: int | None = 0  # None: fresh randomness on every call (see the module docstring)
     s3: S3Settings | None = field(default=None, compare=False)
+    skip_counter: str | None = None  # the launch's counter actor (training.common.skips); None = this process
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.context_length < 1:
@@ -224,14 +255,15 @@ class CorpusSampleTransform:
                 fails the task instead of silently thinning the data.
         """
         rng = sample_rng(self.seed, self.epoch, row["image_id"], int(row.get("copy_index") or 0))
-        box, caption = choose_caption(row, rng, self.global_caption_prob)
+        box, caption = choose_caption(row, rng, self.global_caption_prob, self.skip_counter)
         if self.sentence_masking:
             caption = mask_sentences(caption, rng)
         image = self._image(row)
         crop = crop_keeping_box_xywh(*image.size, box, self.image_size, self.crop_scale, self.crop_ratio, rng)
         size = self.image_size
         out_box = (0.0, 0.0, float(size), float(size)) if box is None else box_xyxy_in_output(box, crop, size)
-        assert out_box is not None  # crop_keeping_box_xywh keeps the box in view
+        if out_box is None:  # usable_regions keeps only boxes with pixels in the image, so not expected
+            raise SampleError(f"the box {tuple(box) if box else None} is not in view", "box_out_of_view")
         resized = image.resize(
             (size, size),
             Image.Resampling.BICUBIC,
@@ -250,25 +282,28 @@ class CorpusSampleTransform:
         }
 
     def samples(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """``[sample]``, or ``[]`` (logged) for a row that cannot be used: the form Ray's ``flat_map`` takes."""
+        """``[sample]``, or ``[]`` for a row that cannot be used (counted and logged once): for ``flat_map``."""
         try:
             return [self(row)]
         except SampleError as error:
-            logger.warning("skipping corpus row %s: %s: %s", row.get("image_id"), type(error).__name__, error)
+            record_skip(self.skip_counter, error.reason, str(row.get("image_id")), str(error))
             return []
 
     def _image(self, row: dict[str, Any]) -> Image.Image:
         data = row.get("image_bytes")
         if not data:
             if not row.get("image_ref"):
-                raise SampleError("the row has neither image bytes nor an image reference")
+                raise SampleError("the row has neither image bytes nor an image reference", "no_image")
             data = read_uri_bytes(row["image_ref"], self.s3)
         try:
             image = decode_oriented(bytes(data))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise SampleError(f"cannot decode the image: {type(error).__name__}: {error}") from error
+            raise SampleError(
+                f"cannot decode the image: {type(error).__name__}: {error}", "undecodable_image"
+            ) from error
         if image.size != (row["width"], row["height"]):
-            raise SampleError(f"decoded size {image.size} is not the corpus size {(row['width'], row['height'])}")
+            message = f"decoded size {image.size} is not the corpus size {(row['width'], row['height'])}"
+            raise SampleError(message, "size_mismatch")
         return image
 
     def _normalise(self, image: Image.Image) -> np.ndarray:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ps3_engine.infra.storage import S3Settings
+from ps3_engine.training.common.launcher import LaunchRefused, LaunchResult, NonFiniteLoss
+from ps3_engine.training.common.recipe import autocast_and_scaler, lr_factor
 from ps3_engine.training.ps3.recipes import PS3Recipe
+
+__all__ = ["CorpusRejected", "LaunchResult", "NonFiniteLoss", "TrainState", "launch", "lr_at", "train_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,39 +36,27 @@ SELECTION_PARAM_PREFIXES = (
 )
 
 
-class CorpusRejected(ValueError):
+class CorpusRejected(LaunchRefused):
     """The corpus failed the pre-launch check; nothing was started."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; training stops instead of corrupting the weights."""
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    run_name: str
-    storage_path: str
-    steps: int
-    metrics: dict[str, Any]
-    checkpoint_path: str | None
 
 
 def lr_at(step: int, recipe: PS3Recipe) -> float:
     """Linear warmup to 1 then cosine decay to 0 over ``max_steps`` (a multiplier of the base lr)."""
-    if recipe.warmup_steps and step < recipe.warmup_steps:
-        return (step + 1) / recipe.warmup_steps
-    span = max(1, recipe.max_steps - recipe.warmup_steps)
-    progress = min(1.0, (step - recipe.warmup_steps) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr_factor(step, recipe.warmup_steps, recipe.max_steps)
 
 
 def _param_groups(model: Any, recipe: PS3Recipe) -> list[dict[str, Any]]:
+    """AdamW groups as the reference's ``main.py``: gains, biases and logit scale/bias without decay.
+
+    With ``selection_lr`` the selection modules get their own group (that lr, ``selection_weight_decay``);
+    without it they decay like every other matrix, as in the paper scripts (no ``--token_selection_lr``).
+    """
     selection, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         bare = name.removeprefix("module.")
-        if any(part.startswith(SELECTION_PARAM_PREFIXES) for part in bare.split(".")):
+        if recipe.selection_lr is not None and any(p.startswith(SELECTION_PARAM_PREFIXES) for p in bare.split(".")):
             selection.append(param)
         elif param.ndim < 2 or "norm" in bare or "bias" in bare or "logit" in bare:
             no_decay.append(param)
@@ -75,9 +65,8 @@ def _param_groups(model: Any, recipe: PS3Recipe) -> list[dict[str, Any]]:
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay, "lr": recipe.lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": recipe.lr},
+        {"params": selection, "weight_decay": recipe.selection_weight_decay, "lr": recipe.selection_lr},
     ]
-    if selection:
-        groups.append({"params": selection, "weight_decay": 0.0, "lr": recipe.selection_lr or recipe.lr})
     return [g for g in groups if g["params"]]
 
 
@@ -97,7 +86,7 @@ class TrainState:
         import torch
 
         optimizer = torch.optim.AdamW(_param_groups(model, recipe), betas=recipe.betas)
-        scaler = torch.amp.GradScaler("cuda") if recipe.precision == "fp16" else None
+        _, scaler = autocast_and_scaler(recipe.precision)
         return cls(model, optimizer, [g["lr"] for g in optimizer.param_groups], recipe, 0, scaler)
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, Any], device: Any) -> dict[st
     recipe = state.recipe
     for group, base in zip(state.optimizer.param_groups, state.base_lrs, strict=True):
         group["lr"] = base * lr_at(state.step, recipe)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
+    autocast_dtype, _ = autocast_and_scaler(recipe.precision)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = state.model(
             images=batch["pixel_values"].to(device),
@@ -168,6 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recipe = PS3Recipe.model_validate(config["recipe"])
     torch.manual_seed(recipe.seed)
     model = PS3CLIP.from_config(recipe.model)
+    model.set_grad_checkpointing(recipe.grad_checkpointing)
     parallel = "fsdp" if recipe.strategy == "fsdp" else "ddp"
     state = TrainState.create(ray.train.torch.prepare_model(model, parallel_strategy=parallel), recipe)
     resumed_from = 0
@@ -177,32 +167,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state.load_state_dict(torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False))
         resumed_from = state.step
         logger.info("resumed from step %d", state.step)
-    device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
-    began, samples = time.perf_counter(), 0
-    while state.step < recipe.max_steps:
-        steps_this_pass = 0
-        for batch in shard.iter_torch_batches(batch_size=recipe.batch_size_per_worker, drop_last=True):
-            if state.step >= recipe.max_steps:
-                break
-            steps_this_pass += 1
-            losses = train_step(state, batch, device)
-            samples += batch["pixel_values"].shape[0]
-            metrics = {
-                "step": state.step,
-                "resumed_from_step": resumed_from,
-                **losses,
-                "samples_per_s_per_worker": samples / (time.perf_counter() - began),
-            }
-            if state.step % recipe.checkpoint_every == 0 or state.step == recipe.max_steps:
-                _report_with_checkpoint(state, metrics)
-            elif state.step % recipe.log_every == 0:
-                ray.train.report(metrics)
-        if steps_this_pass == 0 and state.step < recipe.max_steps:
-            raise ValueError(
-                f"this worker's share of the corpus holds fewer than batch_size_per_worker="
-                f"{recipe.batch_size_per_worker} samples: use a smaller batch or fewer workers"
-            )
+    from ps3_engine.training.common.loop import run_steps
+
+    run_steps(
+        lambda batch: train_step(state, batch, ray.train.torch.get_device()),
+        lambda: state.step,
+        lambda metrics: _report_with_checkpoint(state, metrics),
+        recipe,
+        {"resumed_from_step": resumed_from},
+        config.get("skip_counter"),
+    )
 
 
 def _report_with_checkpoint(state: TrainState, metrics: dict) -> None:
@@ -227,7 +201,14 @@ def launch(
     s3: S3Settings | None = None,
     split: str = "train",
 ) -> LaunchResult:
-    """Check the corpus, then train on a Ray cluster (joins RAY_ADDRESS or starts a local one)."""
+    """Check the corpus, then train on a Ray cluster (joins RAY_ADDRESS or starts a local one).
+
+    Raises:
+        CorpusRejected: the corpus failed its check (nothing was started).
+        LaunchRefused: the same run is already training, or its checkpoints cannot be resumed.
+    """
+    from ps3_engine.infra.ray_cluster import ensure_ray
+    from ps3_engine.training.common.launcher import check_resumable, claim_run, fit, release
     from ps3_engine.training.ps3.data import CorpusSampleTransform, check_corpus, training_dataset
     from ps3_engine.training.ps3.tokenizer import load_text_tokenizer
 
@@ -235,63 +216,26 @@ def launch(
     if not check.ok:
         raise CorpusRejected(f"corpus {corpus} cannot be trained on: " + "; ".join(check.problems))
     logger.info("corpus %s: %s", corpus, check.counts)
-
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ps3_engine.pipeline.executor import ensure_ray
-
     # Load the tokenizer here first: a folder this install cannot open fails before any worker starts.
     load_text_tokenizer(recipe.tokenizer_path, s3)
+    check_resumable(storage_path, run_name, s3)
     ensure_ray(None)
-    transform = CorpusSampleTransform(
-        image_size=recipe.image_size,
-        tokenizer_path=recipe.tokenizer_path,
-        context_length=recipe.context_length,
-        global_caption_prob=recipe.global_caption_prob,
-        seed=recipe.seed,
-        s3=s3,
-    )
-    # epoch=None: every pass over the dataset draws new boxes, captions, crops and order.
-    dataset = training_dataset(
-        corpus, split, transform, seed=recipe.seed, balance_sources=recipe.balance_sources, epoch=None, s3=s3
-    )
-    dataset = dataset.drop_columns(["image_id", "source"])
-    path, filesystem = _storage(storage_path, s3)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"recipe": recipe.model_dump(mode="json")},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.num_workers,
-            use_gpu=recipe.use_gpu,
-            resources_per_worker={"CPU": recipe.cpus_per_worker, **({"GPU": 1} if recipe.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.num_checkpoints_to_keep),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    return LaunchResult(
-        run_name=run_name,
-        storage_path=storage_path,
-        steps=int(metrics.get("step", 0)),
-        metrics=metrics,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-    )
-
-
-def _storage(storage_path: str, s3: S3Settings | None) -> tuple[str, Any]:
-    """Ray Train writes checkpoints through pyarrow: an S3 path goes with our S3 filesystem (endpoint, retries)."""
-    if not storage_path.startswith("s3://"):
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
-        return str(Path(storage_path).resolve()), None
-    from ps3_engine.infra.storage import resolve_filesystem
-
-    filesystem, path = resolve_filesystem(storage_path, s3)
-    return path, filesystem
+    guard, counter = claim_run(storage_path, run_name)
+    try:
+        transform = CorpusSampleTransform(
+            image_size=recipe.image_size,
+            tokenizer_path=recipe.tokenizer_path,
+            context_length=recipe.context_length,
+            global_caption_prob=recipe.global_caption_prob,
+            seed=recipe.seed,
+            s3=s3,
+            skip_counter=counter,
+        )
+        # epoch=None: every pass over the dataset draws new boxes, captions, crops and order.
+        dataset = training_dataset(
+            corpus, split, transform, seed=recipe.seed, balance_sources=recipe.balance_sources, epoch=None, s3=s3
+        )
+        dataset = dataset.drop_columns(["image_id", "source"])
+        return fit(train_loop_per_worker, {}, recipe, dataset, storage_path, run_name, s3, counter)
+    finally:
+        release(guard)

@@ -28,8 +28,9 @@ from ps3_engine.training.ps3.layers import block_forward
 from ps3_engine.training.ps3.selection import (
     PatchSelector,
     area_downsample,
+    round_plan,
     select_top_k,
-    split_budget,
+    take_leftovers,
     upsample_nearest,
 )
 
@@ -148,51 +149,83 @@ class PS3VisionModel(nn.Module):
         return resized + self.pos_emb_residual[scale_index]
 
     def embed_selected(self, images: Tensor, selected: list[Tensor]) -> Tensor:
-        """Patch + position embeddings ``[B, K, D]`` of the selected patches only, scale by scale."""
+        """Patch + position embeddings ``[B, K, D]`` of the selected patches only, scale by scale.
+
+        Only the selected patches are gathered (a strided view of the resized image indexed by patch row
+        and column), never the whole unfolded grid, then the conv weights are applied as a matmul.
+        """
         conv = self.vit.embeddings.patch_embedding
-        weight = conv.weight.flatten(1).T  # [3*p*p, D], same (channel, row, col) order as F.unfold
+        weight = conv.weight.flatten(1).T  # [3*p*p, D], the (channel, row, col) order of a patch below
         patch = self.cfg.patch_size
         tokens = []
         for scale_index, index in enumerate(selected):
             if index.shape[1] == 0:
                 continue
+            grid = self.highres_grids[scale_index]
             pixels = _resize(images, self.cfg.scales[scale_index + 1])
-            patches = F.unfold(pixels, kernel_size=patch, stride=patch).transpose(1, 2)  # [B, g*g, 3*p*p]
-            picked = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
-            embedded = picked.to(weight.dtype) @ weight + conv.bias
+            cells = pixels.reshape(pixels.shape[0], 3, grid, patch, grid, patch)  # [B, 3, row, i, col, j]
+            batch = torch.arange(index.shape[0], device=index.device)[:, None]
+            picked = cells[batch, :, index // grid, :, index % grid, :]  # [B, K, 3, p, p]
+            embedded = picked.flatten(2).to(weight.dtype) @ weight + conv.bias
             tokens.append(embedded + self.scale_pos_embed(scale_index)[index])
         return torch.cat(tokens, dim=1)
 
-    def forward_high_res(self, tokens: Tensor, kv_cache: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """High-res tokens through the ViT; in layer l they also attend to the low-res K/V of layer l."""
-        for layer, prefix in zip(self.vit.encoder.layers, kv_cache, strict=True):
+    def forward_high_res(
+        self, tokens: Tensor, kv_cache: list[tuple[Tensor, Tensor]], feature_layer: int | None = None
+    ) -> Tensor:
+        """High-res tokens through the ViT; in layer l they also attend to the low-res K/V of layer l.
+
+        Returns the final tokens after the last LayerNorm, or with ``feature_layer`` (a block index, may be
+        negative) that block's output, the later blocks skipped.
+        """
+        layers = list(self.vit.encoder.layers)
+        stop = len(layers) if feature_layer is None else range(len(layers))[feature_layer] + 1
+        for layer, prefix in zip(layers[:stop], kv_cache[:stop], strict=True):
             tokens, _, _ = self._block(layer, tokens, prefix)
-        return self.vit.post_layernorm(tokens)
+        return self.vit.post_layernorm(tokens) if feature_layer is None else tokens
 
     def look_close(
-        self, images: Tensor, low: LowResPass, scores: list[Tensor], num_select: int
+        self, images: Tensor, low: LowResPass, scores: list[Tensor], num_select: int, feature_layer: int | None = None
     ) -> tuple[list[Tensor], Tensor]:
-        """Select and encode ``num_select`` high-res patches (rounds of at most ``max_select`` each).
+        """Select and encode ``num_select`` high-res patches in rounds of at most ``max_select`` each.
 
         Each round takes the best patches not chosen before and sees only the low-res K/V, not the other
-        rounds (the reference's ``num_look_close``). Returns the indices per scale and the tokens ``[B, K, D]``.
+        rounds (the reference's ``num_look_close``); ``selection.round_plan`` gives each round's per-scale
+        quotas, so a budget covering the whole image encodes every patch in the reference's round count.
+        Returns the indices per scale and the tokens ``[B, K, D]`` (final, or of block ``feature_layer``).
         """
         flat = [s.flatten(1) for s in scores]
         taken = [torch.zeros_like(s, dtype=torch.bool) for s in flat]
         per_scale: list[list[tuple[Tensor, Tensor]]] = [[] for _ in flat]
-        remaining = min(num_select, sum(s.shape[1] for s in flat))
-        while remaining > 0:
-            quotas = split_budget(min(remaining, self.cfg.max_select), self.cfg.scales[1:])
-            index = select_top_k(flat, quotas, taken)
-            counts = [i.shape[1] for i in index]
-            if sum(counts) == 0:
-                break
-            encoded = self.forward_high_res(self.embed_selected(images, index), low.kv_cache)
-            for scale, (idx, tok) in enumerate(zip(index, encoded.split(counts, dim=1), strict=True)):
-                per_scale[scale].append((idx, tok))
-                taken[scale].scatter_(1, idx, True)
-            remaining -= sum(counts)
+        num_patches = sum(s.shape[1] for s in flat)
+        for quotas in round_plan(num_select, self.cfg.round_quotas, num_patches):
+            self._encode_round(images, low, flat, quotas, taken, per_scale, feature_layer)
+        # "All" on grids the quotas do not tile (not the paper's 1.5K/4K ones): the last scale's roll-over
+        # overflow is dropped, as in the reference; take the few patches left in extra rounds.
+        while num_select >= num_patches and (left := [int((~t[0]).sum()) for t in taken]) and sum(left):
+            quotas = take_leftovers(left, self.cfg.max_select)
+            self._encode_round(images, low, flat, quotas, taken, per_scale, feature_layer)
         return _merge_rounds(per_scale, low.tokens)
+
+    def _encode_round(
+        self,
+        images: Tensor,
+        low: LowResPass,
+        flat: list[Tensor],
+        quotas: list[int],
+        taken: list[Tensor],
+        per_scale: list[list[tuple[Tensor, Tensor]]],
+        feature_layer: int | None = None,
+    ) -> None:
+        """One selection round: pick by ``quotas`` among patches not ``taken``, encode, record (in place)."""
+        index = select_top_k(flat, quotas, taken)
+        counts = [i.shape[1] for i in index]
+        if sum(counts) == 0:
+            return
+        encoded = self.forward_high_res(self.embed_selected(images, index), low.kv_cache, feature_layer)
+        for scale, (idx, tok) in enumerate(zip(index, encoded.split(counts, dim=1), strict=True)):
+            per_scale[scale].append((idx, tok))
+            taken[scale].scatter_(1, idx, True)
 
     def pool(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         """SigLIP attention-pool head, optionally over the ``mask``-ed tokens only (``[B, N]`` bool)."""

@@ -47,7 +47,10 @@ class VilaHDConfig(BaseModel):
     top_down_head: Literal["mlp", "linear"] = "mlp"
     look_close_mode: Literal["after_prompt", "after_image"] = "after_prompt"
     num_select: int = Field(ge=0)
-    selection_loss_weight: float = Field(1.0, ge=0)
+    # VILA's token_selection_loss_weight argument defaults to 0 (the paper's value is not published); the
+    # factories below state their own choice.
+    selection_loss_weight: float = Field(0.0, ge=0)
+    vision_select_layer: int = Field(-2, description="PS3 block whose output feeds the projector (VILA's -2)")
     train_with_gt_selection: bool = False
     pos_embed_grid: int | None = Field(None, ge=1, description="side of the learned high-res position map")
     image_token: str = IMAGE_TOKEN
@@ -75,7 +78,7 @@ class VilaHDConfig(BaseModel):
     @classmethod
     def tiny(cls) -> VilaHDConfig:
         """Tiny PS3 (grids 4/8/16, 48 patches a round) + a 2-layer, 64-wide Qwen2: CPU tests and ``debug``."""
-        return cls(ps3=PS3ModelConfig.tiny(), llm=dict(TINY_LLM), num_select=48)
+        return cls(ps3=PS3ModelConfig.tiny(), llm=dict(TINY_LLM), num_select=48, selection_loss_weight=1.0)
 
     @classmethod
     def production(
@@ -102,5 +105,25 @@ class VilaHDConfig(BaseModel):
             llm_pretrained=llm_path,
             num_select=num_select,
             pos_embed_grid=54,  # the 1512 scale's grid after 2x2 downsampling
-            **changes,
+            # Weight 1 (BCE + Dice beside the LM loss), not VILA's 0: the selection stage trains on
+            # answer-less samples and would learn nothing at 0.
+            **{"selection_loss_weight": 1.0, **changes},
+        )
+
+    @classmethod
+    def production_4k(
+        cls, llm_path: str, ps3_weights: str | None = None, siglip_path: str | None = None, **changes: Any
+    ) -> VilaHDConfig:
+        """VILA-HD-4K at the paper's 18% operating point: PS3-4K with one round of 1536 / 6144 / 7680
+        patches at 756 / 1512 / 3780 (spec 5.5: 196 low-res + 3840 high-res = 4,036 LLM tokens)."""
+        quotas = [1536, 6144, 7680]
+        ps3 = PS3ModelConfig.paper_4k(pretrained=siglip_path).model_dump()
+        ps3 = PS3ModelConfig(**{**ps3, "max_select": sum(quotas), "select_per_scale": quotas})
+        return cls(
+            ps3=ps3,
+            ps3_weights=ps3_weights,
+            llm_pretrained=llm_path,
+            num_select=sum(quotas),
+            pos_embed_grid=54,
+            **{"selection_loss_weight": 1.0, **changes},
         )

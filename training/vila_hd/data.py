@@ -36,8 +36,9 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from ps3_engine.infra.storage import S3Settings, Storage, read_uri_bytes
-from ps3_engine.pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
+from ps3_engine.schemas.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
 from ps3_engine.stages.captioning.hygiene import strip_boilerplate
+from ps3_engine.training.common.skips import record_drop, record_skip
 from ps3_engine.training.ps3.data import (
     SampleError,
     decode_oriented,
@@ -163,6 +164,7 @@ class GroundedSampleMaker:
 
     kinds: tuple[SampleKind, ...] = ("selection", "grounded_qa")
     max_regions_per_image: int | None = None
+    skip_counter: str | None = None  # the launch's counter actor (training.common.skips); None = this process
 
     def __post_init__(self) -> None:
         if not self.kinds or "qa" in self.kinds:
@@ -173,16 +175,22 @@ class GroundedSampleMaker:
         if self.max_regions_per_image is not None:
             regions = regions[: self.max_regions_per_image]
         image = {"image_bytes": row.get("image_bytes") or None}
-        image["image_ref"] = None if image["image_bytes"] else row.get("image_ref")
+        image["image_ref"] = None if image["image_bytes"] else row.get("image_ref") or None
+        if image["image_ref"] is None and image["image_bytes"] is None:
+            message = "the row has neither image bytes nor an image reference"
+            record_skip(self.skip_counter, "no_image", str(row.get("image_id")), message)
+            return []
         style = "document" if row.get("source_type") == "document" else "natural"
         samples = []
         for region in regions:
             caption = strip_boilerplate(region["caption"] or "")
             subject = caption_subject(caption)
             if not subject:
+                record_drop(self.skip_counter, "empty_caption")
                 continue
             box = _clipped_box(region, row["width"], row["height"])
             if box is None:
+                record_drop(self.skip_counter, "degenerate_box")
                 continue
             for kind in self.kinds:
                 turns = _grounded_turns(kind, style, subject, caption, region["region_id"])
@@ -262,6 +270,7 @@ class SFTSampleTransform:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     s3: S3Settings | None = field(default=None, compare=False)
+    skip_counter: str | None = None  # the launch's counter actor (training.common.skips); None = this process
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.context_length < 8:
@@ -295,7 +304,8 @@ class SFTSampleTransform:
         ids, labels = encode_conversation(tokenizer, turns, supervise=row["kind"] != "selection")
         first_user_end = _first_user_turn_length(tokenizer, turns)
         if first_user_end > self.context_length:
-            raise SampleError(f"the first user turn takes {first_user_end} tokens > context {self.context_length}")
+            message = f"the first user turn takes {first_user_end} tokens > context {self.context_length}"
+            raise SampleError(message, "prompt_too_long")
         ids, labels = ids[: self.context_length], labels[: self.context_length]
         pad = self.context_length - len(ids)
         return (
@@ -305,25 +315,28 @@ class SFTSampleTransform:
         )
 
     def samples(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """``[example]``, or ``[]`` (logged) for a row that cannot be used: the form Ray's ``flat_map`` takes."""
+        """``[example]``, or ``[]`` for a row that cannot be used (counted and logged once): for ``flat_map``."""
         try:
             return [self(row)]
         except SampleError as error:
-            logger.warning("skipping sample %s: %s", row.get("sample_id"), error)
+            record_skip(self.skip_counter, error.reason, str(row.get("sample_id")), str(error))
             return []
 
     def _image(self, row: dict[str, Any]) -> Image.Image:
         data = row.get("image_bytes")
         if not data:
             if not row.get("image_ref"):
-                raise SampleError("the sample has neither image bytes nor an image reference")
+                raise SampleError("the sample has neither image bytes nor an image reference", "no_image")
             data = read_uri_bytes(row["image_ref"], self.s3)
         try:
             image = decode_oriented(bytes(data))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise SampleError(f"cannot decode the image: {type(error).__name__}: {error}") from error
+            raise SampleError(
+                f"cannot decode the image: {type(error).__name__}: {error}", "undecodable_image"
+            ) from error
         if image.size != (row["width"], row["height"]):
-            raise SampleError(f"decoded size {image.size} is not the sample size {(row['width'], row['height'])}")
+            message = f"decoded size {image.size} is not the sample size {(row['width'], row['height'])}"
+            raise SampleError(message, "size_mismatch")
         return image
 
 

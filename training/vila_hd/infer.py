@@ -20,7 +20,8 @@ from ps3_engine.infra.storage import S3Settings, read_uri_bytes
 from ps3_engine.training.vila_hd.config import VilaHDConfig
 from ps3_engine.training.vila_hd.model import VilaHD
 from ps3_engine.training.vila_hd.sequence import resolve_budget
-from ps3_engine.training.vila_hd.tokenizer import build_tiny_chat_tokenizer, load_chat_tokenizer, resolve_folder
+from ps3_engine.training.vila_hd.tiny_tokenizer import build_tiny_chat_tokenizer
+from ps3_engine.training.vila_hd.tokenizer import load_chat_tokenizer, resolve_folder
 
 
 @dataclass(frozen=True)

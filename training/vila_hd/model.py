@@ -106,7 +106,8 @@ class VilaHD(nn.Module):
         self.llm = llm
         width, llm_dim = vision.vit.config.hidden_size, llm.config.hidden_size
         self.projector = DownsampleProjector(width, llm_dim)
-        self.high_res_positions = HighResPositions(llm_dim, cfg.resolved_pos_embed_grid, cfg.ps3.num_highres_scales)
+        # one scale embedding per scale, the low-res one first (VILA's high_res_scale_embed[0] is the low-res one)
+        self.high_res_positions = HighResPositions(llm_dim, cfg.resolved_pos_embed_grid, cfg.ps3.num_highres_scales + 1)
         self.top_down_head = TopDownPromptHead(llm_dim, width, cfg.top_down_head)
         self.image_token_id, self.eos_token_id = image_token_id, eos_token_id
         self.set_trainable(COMPONENTS)
@@ -183,7 +184,11 @@ class VilaHD(nn.Module):
         """Low-res tokens, the prompt (pass 1), selection and the kept high-res tokens."""
         low = self.vision.forward_low_res(images)
         grid = self.cfg.ps3.grid_sizes[0]
-        low_res = self.projector(low.tokens.view(images.shape[0], grid, grid, -1))
+        # VILA's projector reads layer mm_vision_select_layer (-2: the second-to-last block's output, no
+        # final norm), and the low-res tokens get the high-res position map and scale embedding 0 too.
+        layer = low.hidden_states[self.cfg.vision_select_layer]
+        low_res = self.projector(layer.view(images.shape[0], grid, grid, -1))
+        low_res = low_res + self.high_res_positions(0, self.cfg.low_res_token_grid)
         prompt_hidden = prompt = None
         if look_close_mode == "after_prompt":
             prompt_hidden = self.prompt_hidden(input_ids, text_embeds, low_res)
@@ -195,7 +200,9 @@ class VilaHD(nn.Module):
         assert scores is not None
         if evidence_maps is not None and self.cfg.train_with_gt_selection and self.training:
             scores = self.vision.force_gt(scores, evidence_maps)
-        selected, high_tokens = self.vision.look_close(images, low, scores, num_select)
+        selected, high_tokens = self.vision.look_close(
+            images, low, scores, num_select, feature_layer=self.cfg.vision_select_layer
+        )
         high_res = self.project_high_res(high_tokens, selected, low_res)
         return VisionTokens(low_res, high_res, selected, topdown, bottomup, prompt_hidden)
 
@@ -239,7 +246,7 @@ class VilaHD(nn.Module):
             chosen = scale_tokens.new_zeros(num_batch, grid * grid, 1).scatter(1, index[..., None], 1.0)
             keep = space_to_channel(chosen.view(num_batch, grid, grid, 1)).amin(-1) > 0  # [B, n]
             blocks = space_to_channel(full.view(num_batch, grid, grid, width))
-            positions = self.high_res_positions(scale, (grid + 1) // 2)
+            positions = self.high_res_positions(scale + 1, (grid + 1) // 2)
             projected = self.projector.project(blocks[keep]) + positions.expand(num_batch, -1, -1)[keep]
             for sample, part in enumerate(projected.split(keep.sum(1).tolist())):
                 per_sample[sample].append(part)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 
+from ps3_engine.training.common.recipe import BaseRecipe, apply_overrides
 from ps3_engine.training.vila_hd.config import COMPONENTS, VilaHDConfig
 
 Component = Literal["projector", "top_down_head", "selector", "vision", "llm"]
@@ -27,44 +28,17 @@ ALL_COMPONENTS: list[Component] = list(COMPONENTS)  # type: ignore[arg-type]
 SampleKindName = Literal["selection", "grounded_qa"]
 
 
-class VilaHDRecipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
+class VilaHDRecipe(BaseRecipe):
     model: VilaHDConfig
-    tokenizer: str | None = Field(None, description="tokenizer folder; None = the LLM's pretrained folder")
     trainable: list[Component] = Field(min_length=1)
     init_from: str | None = Field(None, description="checkpoint folder of an earlier stage (when not resuming)")
     context_length: int = Field(512, ge=16)
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_checkpointing: bool = False
-    batch_size_per_worker: int = Field(1, ge=1)
-    max_steps: int = Field(10, ge=1)
     lr: float = Field(gt=0, description="projector and PS3 encoder")
     llm_lr: float | None = Field(None, gt=0, description="LLM (default: lr)")
-    selection_lr: float | None = Field(None, gt=0, description="top-down head + PS3 selector (default: lr)")
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    # VILA trains with the HF Trainer, whose max_grad_norm defaults to 1.0.
     grad_clip_norm: float | None = Field(1.0, gt=0)
     grounded_kinds: list[SampleKindName] = Field(default_factory=lambda: ["selection", "grounded_qa"], min_length=1)
     max_regions_per_image: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    num_checkpoints_to_keep: int = Field(3, ge=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> VilaHDRecipe:
-        if self.precision != "fp32" and not self.use_gpu:
-            raise ValueError(f"precision {self.precision} needs use_gpu=true (CPU training runs in fp32)")
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError("strategy fsdp needs use_gpu=true")
-        return self
 
     @property
     def image_size(self) -> int:
@@ -155,11 +129,4 @@ def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> VilaHDRec
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; recipes: {sorted(RECIPES)}")
-    base = RECIPES[name]().model_dump(mode="json")
-    for dotted, value in (overrides or {}).items():
-        node = base
-        keys = dotted.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return VilaHDRecipe.model_validate(base)
+    return VilaHDRecipe.model_validate(apply_overrides(RECIPES[name]().model_dump(mode="json"), overrides))

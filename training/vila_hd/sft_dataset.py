@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ps3_engine.infra.storage import S3Settings, Storage
-from ps3_engine.pipeline.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
+from ps3_engine.schemas.corpus import MANIFEST_KEY as CORPUS_MANIFEST_KEY
 from ps3_engine.training.ps3.data import CorpusCheck, check_corpus, read_corpus
 from ps3_engine.training.vila_hd.data import SFT_SCHEMA, SFT_SCHEMA_VERSION, GroundedSampleMaker, VilaHDSample
 

@@ -9,14 +9,14 @@ assistant text and its ``<|im_end|>`` are supervised. The last token before the 
 after the placeholder is the "last user-prompt token" whose hidden state drives top-down selection.
 
 Production takes the Qwen2 tokenizer saved with the LLM; :func:`add_image_token` registers the
-placeholder there. Tests and the ``debug`` recipe use :func:`build_tiny_chat_tokenizer` (no hub
-downloads here), a byte-level BPE trained on the synthetic question and answer templates.
+placeholder there. Tests and the ``debug`` recipe use ``tiny_tokenizer.build_tiny_chat_tokenizer`` (no
+hub downloads here), a byte-level BPE trained on the synthetic question and answer templates; it lives
+in its own module because it reads the templates of ``data`` and ``synthetic``, which import this one.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,55 +91,6 @@ def add_image_token(tokenizer: Any) -> Any:
         tokenizer.pad_token = PAD_TOKEN
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def _corpus_lines() -> list[str]:
-    from ps3_engine.training.tiny_captioner import COLOURS, PLACES, SHAPES
-    from ps3_engine.training.vila_hd.data import DESCRIBE_TEMPLATES, QUESTION_TEMPLATES
-    from ps3_engine.training.vila_hd.synthetic import SYNTHETIC_QUESTION, describe_quadrant
-
-    lines = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            for place in PLACES:
-                subject = f"a {colour} {shape} {place}"
-                lines += [t.format(subject=subject) for t in QUESTION_TEMPLATES["natural"] + DESCRIBE_TEMPLATES]
-                lines.append(f"A {colour} {shape} {place} on a plain surface. It has sharp edges.")
-        lines.append(SYNTHETIC_QUESTION.format(colour=colour))
-        lines += [describe_quadrant(colour, q) for q in range(4)]
-    lines += [t.format(subject="a sign with small text") for t in QUESTION_TEMPLATES["document"]]
-    return [render_conversation([("user", line), ("assistant", line)]) for line in lines]
-
-
-def build_tiny_chat_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB) -> Path:
-    """Train a byte-level BPE with the chat special tokens and save it as a HF fast tokenizer (once)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    out = Path(out_dir)
-    if (out / "tokenizer.json").is_file():
-        return out
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_corpus_lines() * 2, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        eos_token=TURN_END,
-        unk_token=None,
-        additional_special_tokens=[IMAGE_TOKEN],
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    wrapped.save_pretrained(out)
-    (out / "vila_hd_tiny_tokenizer.json").write_text(json.dumps({"vocab_size": len(wrapped)}))
-    return out
 
 
 def resolve_folder(uri: str, s3: S3Settings | None = None) -> str:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from ps3_engine.infra.storage import S3Settings, Storage
-from ps3_engine.training.ps3.train import LaunchResult, NonFiniteLoss, _storage
+from ps3_engine.training.common.launcher import LaunchRefused, LaunchResult, NonFiniteLoss
+from ps3_engine.training.common.recipe import autocast_and_scaler, lr_factor
 from ps3_engine.training.vila_hd.recipes import VilaHDRecipe
 from ps3_engine.training.vila_hd.tokenizer import load_chat_tokenizer
 
@@ -33,16 +32,11 @@ logger = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-class DataRejected(ValueError):
+__all__ = ["DataRejected", "LaunchResult", "NonFiniteLoss", "VilaHDTrainer", "launch", "lr_factor", "read_state"]
+
+
+class DataRejected(LaunchRefused):
     """The training data failed the pre-launch check; nothing was started."""
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at ``max_steps``."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def bare_name(name: str) -> str:
@@ -85,8 +79,7 @@ class VilaHDTrainer:
         self.model, self.recipe, self.device = model, recipe, device
         self.optimizer = torch.optim.AdamW(param_groups(model, recipe, component_of), betas=recipe.betas)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if recipe.precision == "fp16" else None
+        self.autocast_dtype, self.scaler = autocast_and_scaler(recipe.precision)
         self.step = 0
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -184,35 +177,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.load_optimizer(state)
         resumed_from = trainer.step
         logger.info("resumed from step %d", trainer.step)
-    _train(trainer, recipe, tokenizer, resumed_from)
+    from ps3_engine.training.common.loop import run_steps
 
-
-def _train(trainer: VilaHDTrainer, recipe: VilaHDRecipe, tokenizer: Any, resumed_from: int) -> None:
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    began, samples = time.perf_counter(), 0
-    while trainer.step < recipe.max_steps:
-        steps_this_pass = 0
-        for batch in shard.iter_torch_batches(batch_size=recipe.batch_size_per_worker, drop_last=True):
-            if trainer.step >= recipe.max_steps:
-                break
-            metrics = trainer.train_step(batch)
-            steps_this_pass += 1
-            samples += batch["pixel_values"].shape[0]
-            metrics |= {
-                "resumed_from_step": resumed_from,
-                "samples_per_s_per_worker": samples / (time.perf_counter() - began),
-            }
-            if trainer.step % recipe.checkpoint_every == 0 or trainer.step == recipe.max_steps:
-                _report_with_checkpoint(trainer, recipe, tokenizer, metrics)
-            elif trainer.step % recipe.log_every == 0:
-                ray.train.report(metrics)
-        if steps_this_pass == 0 and trainer.step < recipe.max_steps:
-            raise ValueError(
-                f"this worker's share of the data holds fewer than batch_size_per_worker="
-                f"{recipe.batch_size_per_worker} samples: use a smaller batch or fewer workers"
-            )
+    run_steps(
+        trainer.train_step,
+        lambda: trainer.step,
+        lambda metrics: _report_with_checkpoint(trainer, recipe, tokenizer, metrics),
+        recipe,
+        {"resumed_from_step": resumed_from},
+        config.get("skip_counter"),
+    )
 
 
 def _report_with_checkpoint(trainer: VilaHDTrainer, recipe: VilaHDRecipe, tokenizer: Any, metrics: dict) -> None:
@@ -243,7 +217,7 @@ def ensure_tokenizer(recipe: VilaHDRecipe) -> VilaHDRecipe:
     """The recipe with a tokenizer: its own, the LLM's folder, or (tiny LLM) the tiny one built in a local cache."""
     if recipe.tokenizer_path is not None:
         return recipe
-    from ps3_engine.training.vila_hd.tokenizer import build_tiny_chat_tokenizer
+    from ps3_engine.training.vila_hd.tiny_tokenizer import build_tiny_chat_tokenizer
 
     cache = Path(os.environ.get("PS3_CACHE", "~/.cache/ps3-engine")).expanduser() / "vila-hd-tiny-tokenizer"
     return recipe.model_copy(update={"tokenizer": str(build_tiny_chat_tokenizer(cache))})
@@ -262,7 +236,10 @@ def launch(
 
     Raises:
         DataRejected: the data is missing or malformed (nothing was started).
+        LaunchRefused: the same run is already training, or its checkpoints cannot be resumed.
     """
+    from ps3_engine.infra.ray_cluster import ensure_ray
+    from ps3_engine.training.common.launcher import check_resumable, claim_run, fit, release
     from ps3_engine.training.vila_hd.data import GroundedSampleMaker, SFTSampleTransform
     from ps3_engine.training.vila_hd.sft_dataset import check_training_data, training_rows
 
@@ -272,42 +249,23 @@ def launch(
     logger.info("%s data %s: %s", kind, data, check.counts)
     recipe = ensure_tokenizer(recipe)
     assert recipe.tokenizer_path is not None
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ps3_engine.pipeline.executor import ensure_ray
-
+    check_resumable(storage_path, run_name, s3)
     ensure_ray(None)
-    maker = GroundedSampleMaker(kinds=tuple(recipe.grounded_kinds), max_regions_per_image=recipe.max_regions_per_image)
-    transform = SFTSampleTransform(
-        image_size=recipe.image_size, tokenizer_path=recipe.tokenizer_path, context_length=recipe.context_length, s3=s3
-    )
-    rows = training_rows(data, kind, split, maker, s3).random_shuffle(seed=recipe.seed)
-    dataset = rows.flat_map(transform.samples)
-    path, filesystem = _storage(storage_path, s3)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "tokenizer": recipe.tokenizer_path},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.num_workers,
-            use_gpu=recipe.use_gpu,
-            resources_per_worker={"CPU": recipe.cpus_per_worker, **({"GPU": 1} if recipe.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.num_checkpoints_to_keep),
-        ),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    return LaunchResult(
-        run_name=run_name,
-        storage_path=storage_path,
-        steps=int(metrics.get("step", 0)),
-        metrics=metrics,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-    )
+    guard, counter = claim_run(storage_path, run_name)
+    try:
+        maker = GroundedSampleMaker(
+            kinds=tuple(recipe.grounded_kinds), max_regions_per_image=recipe.max_regions_per_image, skip_counter=counter
+        )
+        transform = SFTSampleTransform(
+            image_size=recipe.image_size,
+            tokenizer_path=recipe.tokenizer_path,
+            context_length=recipe.context_length,
+            s3=s3,
+            skip_counter=counter,
+        )
+        rows = training_rows(data, kind, split, maker, s3).random_shuffle(seed=recipe.seed)
+        dataset = rows.flat_map(transform.samples)
+        loop_config = {"tokenizer": recipe.tokenizer_path}
+        return fit(train_loop_per_worker, loop_config, recipe, dataset, storage_path, run_name, s3, counter)
+    finally:
+        release(guard)
