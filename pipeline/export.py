@@ -19,9 +19,10 @@ uses what is there (train with ``--use_global_caption`` when some images have on
 
 Stored bytes that are already an upright JPEG are copied as they are; other formats (and referenced
 files, which keep their EXIF orientation) are decoded, turned upright and encoded as JPEG at quality 95.
-An image that cannot be read is left out of both datasets and listed in ``export.json`` (``skipped``).
-Shards are written one at a time in this process; a shard closes at ``samples_per_shard`` images or
-``target_shard_bytes`` of image data, whichever comes first.
+An image that cannot be read (e.g. an ``http(s)`` reference: the export reads local and ``s3://`` refs
+only) is left out of both datasets and listed in ``export.json`` (``skipped``); its key is not reused.
+Keys and shard numbers follow from the manifest's row counts (one key per corpus row, in corpus order),
+so the corpus shards are exported in parallel (``workers`` threads in this process).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -148,7 +150,8 @@ class _ShardPair:
         image_key_, text_key = self.image_key, self.text_key
         storage.write_bytes_atomic(image_key_, self.images.getbuffer())
         storage.write_bytes_atomic(text_key, self.texts.getbuffer())
-        return {"images": image_key_, "text_boxes": text_key, "samples": len(self.keys), "first_key": self.keys[0]}
+        first = self.keys[0] if self.keys else None
+        return {"images": image_key_, "text_boxes": text_key, "samples": len(self.keys), "first_key": first}
 
     @property
     def image_key(self) -> str:
@@ -159,16 +162,35 @@ class _ShardPair:
         return f"{TEXT_BOXES_DIR}/text_box_{self.index:05d}.tar"
 
 
-def _corpus_rows(run: Storage, split: str) -> Iterator[dict[str, Any]]:
-    if not run.exists(MANIFEST_KEY):
-        raise ValueError(f"{run.uri(MANIFEST_KEY)} does not exist: run 'ps3-engine build-corpus' first")
-    keys = [s["key"] for s in run.read_json(MANIFEST_KEY).get("shards", []) if s.get("split") == split]
-    if not keys:
-        raise ValueError(f"the corpus at {run.root_uri} has no {split!r} images")
-    for key in keys:
-        with run.filesystem.open_input_file(run.path(key)) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=64, columns=_COLUMNS):
-                yield from batch.to_pylist()
+@dataclass(frozen=True)
+class ExportPart:
+    """One packed corpus shard and where its samples go: keys from ``first_key``, shards from ``first_shard``.
+
+    Both follow from the manifest's row counts alone, so every part can be written independently (and
+    in parallel) and the keys still run in corpus order, one per corpus row.
+    """
+
+    corpus_key: str
+    rows: int
+    first_key: int
+    first_shard: int
+
+
+def plan_export(manifest: dict[str, Any], split: str, samples_per_shard: int) -> list[ExportPart]:
+    parts, key, shard = [], 1, 0
+    for entry in manifest.get("shards", []):
+        if entry.get("split") != split or not entry.get("rows"):
+            continue
+        parts.append(ExportPart(entry["key"], int(entry["rows"]), key, shard))
+        key += int(entry["rows"])
+        shard += -(-int(entry["rows"]) // samples_per_shard)
+    return parts
+
+
+def _part_rows(run: Storage, key: str) -> Iterator[dict[str, Any]]:
+    with run.filesystem.open_input_file(run.path(key)) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=64, columns=_COLUMNS):
+            yield from batch.to_pylist()
 
 
 def _image_data(row: dict[str, Any], s3: S3Settings) -> bytes:
@@ -177,46 +199,71 @@ def _image_data(row: dict[str, Any], s3: S3Settings) -> bytes:
     return upright_jpeg(read_uri_bytes(row["image_ref"], s3), row["exif_orientation"])
 
 
+def write_part(
+    run: Storage, target: Storage, part: ExportPart, samples_per_shard: int, s3: S3Settings
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Write one corpus shard's shard pairs; returns (shard entries, skipped images).
+
+    A row that cannot be read leaves a gap in the keys; a shard pair whose rows were all skipped is
+    still written (two empty tars), so the shard numbers have no holes for the trainer's brace pattern.
+    """
+    shards, skipped = [], []
+    shard = _ShardPair(part.first_shard)
+    for offset, row in enumerate(_part_rows(run, part.corpus_key)):
+        index = part.first_shard + offset // samples_per_shard
+        if index != shard.index:
+            shards.append(shard.commit(target))
+            shard = _ShardPair(index)
+        try:
+            jpeg = _image_data(row, s3)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            logger.warning("export: leaving out image %s: %s", row["image_id"], exc)
+            skipped.append({"image_id": row["image_id"], "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        shard.add(image_key(part.first_key + offset), jpeg, text_box_record(row))
+    shards.append(shard.commit(target))
+    return shards, skipped
+
+
 def export_webdataset(
     run_root: str,
     out: str,
     *,
     split: str = "train",
     samples_per_shard: int = 10_000,
-    target_shard_bytes: int = 1 << 30,
+    workers: int = 4,
     s3: S3Settings | None = None,
 ) -> ExportResult:
     """Write ``split`` of the corpus under ``run_root`` as NVlabs/PS3 image + text-box WebDatasets in ``out``.
 
-    ``run_root`` and ``out`` are local paths or ``s3://`` URIs. Old shards in ``out`` beyond the new
-    export's last index are deleted, so a smaller re-export leaves no stale pair behind.
+    ``run_root`` and ``out`` are local paths or ``s3://`` URIs. Each packed corpus shard (about
+    ``corpus.target_shard_bytes``) becomes one shard pair, or several of at most ``samples_per_shard``
+    images; ``workers`` corpus shards are written at a time (threads: decoding, encoding and I/O release
+    the GIL). Old shards in ``out`` beyond the new export's last index are deleted, so a smaller
+    re-export leaves no stale pair behind.
 
     Raises:
-        ValueError: unknown split, bad shard limits, no corpus manifest, or no image in the split.
+        ValueError: unknown split, bad limits, no corpus manifest, no image in the split, or none readable.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if samples_per_shard < 1 or target_shard_bytes < 1:
-        raise ValueError("samples_per_shard and target_shard_bytes must be at least 1")
+    if samples_per_shard < 1 or workers < 1:
+        raise ValueError("samples_per_shard and workers must be at least 1")
     s3 = s3 or S3Settings()
     run, target = Storage(run_root, s3), Storage(out, s3)
+    if not run.exists(MANIFEST_KEY):
+        raise ValueError(f"{run.uri(MANIFEST_KEY)} does not exist: run 'ps3-engine build-corpus' first")
+    parts = plan_export(run.read_json(MANIFEST_KEY), split, samples_per_shard)
+    if not parts:
+        raise ValueError(f"the corpus at {run.root_uri} has no {split!r} images")
+    with ThreadPoolExecutor(min(workers, len(parts)), thread_name_prefix="export") as pool:
+        written = list(pool.map(lambda part: write_part(run, target, part, samples_per_shard, s3), parts))
     result = ExportResult(target.root_uri, split, 0, [])
-    shard = _ShardPair(0)
-    for row in _corpus_rows(run, split):
-        try:
-            jpeg = _image_data(row, s3)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            logger.warning("export: leaving out image %s: %s", row["image_id"], exc)
-            result.skipped.append({"image_id": row["image_id"], "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        result.samples += 1
-        shard.add(image_key(result.samples), jpeg, text_box_record(row))
-        if len(shard.keys) >= samples_per_shard or shard.image_bytes >= target_shard_bytes:
-            result.shards.append(shard.commit(target))
-            shard = _ShardPair(shard.index + 1)
-    if shard.keys:
-        result.shards.append(shard.commit(target))
-    if not result.shards:
+    for shards, skipped in written:
+        result.shards.extend(shards)
+        result.skipped.extend(skipped)
+    result.samples = sum(s["samples"] for s in result.shards)
+    if result.samples == 0:
         raise ValueError(f"no image of the {split!r} split could be read; see the log for each one")
     _finish(target, result)
     logger.info("export: %d samples in %d shard pairs under %s", result.samples, len(result.shards), out)

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -15,7 +16,10 @@ from PIL import Image
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.cli import main
+from ps3_engine.pipeline.corpus import MANIFEST_KEY, OutputShard, RowSlice, _manifest, write_output_shard
 from ps3_engine.pipeline.export import export_webdataset, upright_jpeg
+from ps3_engine.schemas.corpus import CORPUS_PART_SCHEMA
+from ps3_engine.stages.corpus import CorpusConfig
 from tests.support.corpus_run import ProvenanceRun, build_provenance_run
 
 
@@ -109,3 +113,55 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["export", "webdataset", str(tmp_path / "none"), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "build-corpus" in error
+
+
+def _small_corpus(root: Path, sizes: tuple[int, ...], unreadable: set[int]) -> None:
+    """Packed corpus shards of ``sizes`` rows (tiny JPEGs); rows in ``unreadable`` reference an HTTP URL."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 40, 40)).save(buffer, "JPEG")
+    storage, rows = Storage(str(root)), []
+    for i in range(sum(sizes)):
+        rows.append(
+            {
+                "image_id": f"img-{i}",
+                "split": "train",
+                "source_type": "natural",
+                "url": f"http://example.org/{i}.jpg",
+                "final_url": None,
+                "source_list": "list.parquet",
+                "image_bytes": None if i in unreadable else buffer.getvalue(),
+                "image_ref": f"http://example.org/{i}.jpg" if i in unreadable else None,
+                "exif_orientation": 1,
+                "width": 32,
+                "height": 24,
+                "license": None,
+                "attribution": None,
+                "global_caption": None,
+                "regions": [{"region_id": f"r{i}", "x0": 1, "y0": 2, "x1": 30, "y1": 20, "caption": f"box {i}"}],
+                "input_columns_json": "{}",
+            }
+        )
+    storage.write_parquet_atomic("corpus/part-0.parquet", pa.Table.from_pylist(rows, CORPUS_PART_SCHEMA))
+    starts = np.cumsum((0, *sizes))
+    plan = [
+        OutputShard("train", k, [RowSlice("corpus/part-0.parquet", tuple(range(starts[k], starts[k + 1])))], build="t")
+        for k in range(len(sizes))
+    ]
+    written = [write_output_shard(storage, shard) for shard in plan]
+    storage.write_json_atomic(MANIFEST_KEY, _manifest(written, "t", {}, CorpusConfig()))
+
+
+def test_corpus_shards_export_in_parallel_with_keys_in_corpus_order_and_gaps_for_skipped_images(tmp_path):
+    _small_corpus(tmp_path / "run", sizes=(3, 2), unreadable={3})
+    result = export_webdataset(str(tmp_path / "run"), str(tmp_path / "wds"), samples_per_shard=2, workers=2)
+    assert [s["samples"] for s in result.shards] == [2, 1, 1] and result.samples == 4
+    assert [s["image_id"] for s in result.skipped] == ["img-3"]  # an http(s) reference is not fetched
+    keys = {}
+    for folder, member in (("images", "jpg"), ("text_boxes", "json")):
+        for tar_path in sorted((tmp_path / "wds" / folder).glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                keys.setdefault(folder, []).append([n.removesuffix(f".{member}") for n in tar.getnames()])
+    assert keys["images"] == keys["text_boxes"] == [["00000001", "00000002"], ["00000003"], ["00000005"]]
+    records = [text["json"] for _, text in read_pairs(tmp_path / "wds")]
+    assert [r["image_id"] for r in records] == ["img-0", "img-1", "img-2", "img-4"]
+    assert all("global_text" not in r and r["box"] == [[1, 2, 30, 20]] for r in records)
