@@ -329,21 +329,19 @@ def _check(run_root: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from ps3_engine.pipeline.submit import submit
+    from ps3_engine.pipeline.submit import run_submit
 
     command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
-    job_id, status = submit(
+    return run_submit(
         args.address,
         command,
         working_dir=args.working_dir,
+        image=getattr(args, "image", None),
         forward_credentials=args.forward_credentials,
+        follow=not getattr(args, "no_follow", False),
         wait=not args.no_wait,
         timeout_s=args.timeout,
     )
-    print(f"job {job_id}: {status}")
-    if args.no_wait:
-        return 0
-    return 0 if status == "SUCCEEDED" else 1
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
@@ -577,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".")
     submit.add_argument("--forward-credentials", action="store_true", help="also send AWS_* credentials")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("--no-follow", action="store_true", help="wait for the job without streaming its log")
+    submit.add_argument(
+        "--image", help="run the job in this container image (Ray's image_uri; default: the nodes' own image)"
+    )
     submit.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
     submit.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then the ps3-engine arguments")
     submit.set_defaults(func=cmd_submit)

@@ -80,6 +80,12 @@ if has_extra models && ! "$py" -c "import sam2" 2>/dev/null; then
       echo "setup: the gpu extra builds SAM2's CUDA extension and needs nvcc (a CUDA devel image)" >&2
       exit 1
     fi
+    torch_cuda="$("$py" -c "import torch; print((torch.version.cuda or 'none').split('.')[0])")"
+    nvcc_cuda="$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')"
+    if [ "$torch_cuda" != "$nvcc_cuda" ]; then
+      echo "setup: torch is built for CUDA $torch_cuda but nvcc is CUDA $nvcc_cuda; use a base image of CUDA $torch_cuda" >&2
+      exit 1
+    fi
     echo "setup: installing sam2 with its CUDA extension" >&2
     SAM2_BUILD_CUDA=1 SAM2_BUILD_ALLOW_ERRORS=0 quiet_pip --no-build-isolation --no-deps "sam2>=1.1"
   else

@@ -1,0 +1,86 @@
+"""The README's first command, as a newcomer runs it: a fresh clone, a fresh ``.venv``, no terminal.
+
+Clones the committed HEAD of this checkout (uncommitted edits are not what a newcomer gets), runs the
+first command of the README's "Set-up" block there with ``CI=true`` and stdin closed, and checks the
+dataset it reports. pip takes packages from whatever index this machine's pip configuration names (a
+local mirror is fine); nothing is shared with the development ``.venv``. The second README command
+(``bash scripts/test.sh``) is the suite this test belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_setup_commands() -> list[str]:
+    """The commands of the first fenced block under the README's "Set-up" heading, comments stripped."""
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Set-up.*?^```\w*\n(.*?)^```", readme, flags=re.MULTILINE | re.DOTALL)
+    assert section, "README.md has no '## Set-up' section with a code block"
+    lines = (line.split("#", 1)[0].strip() for line in section.group(1).splitlines())
+    return [line for line in lines if line]
+
+
+def test_readme_names_the_demo_and_the_test_command_in_that_order():
+    assert readme_setup_commands() == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "exec bash scripts/test.sh"
+
+
+def _dataset_root(output: str, clone: Path) -> Path:
+    """Where the run says its dataset is (a path relative to the clone when it is not absolute)."""
+    found = re.findall(r"\[dataset\] at (\S+)", output) or [
+        f"{root}/dataset" for root in re.findall(r"run root: (\S+)", output)
+    ]
+    assert found, f"the demo did not report its dataset:\n{output[-4000:]}"
+    path = Path(found[-1])
+    return path if path.is_absolute() else clone / path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS")}
+    env.update(CI="true", PATH=_path_without_venvs(env.get("PATH", "")))
+    command = readme_setup_commands()[0]
+    began = time.monotonic()
+    try:
+        result = subprocess.run(
+            shlex.split(command),
+            cwd=clone,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=2200,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{output[-6000:]}"
+        dataset = _dataset_root(output, clone)
+        manifest = dataset / "manifest.json"
+        assert manifest.is_file(), f"no manifest at {manifest}"
+        parquet = sorted(dataset.rglob("*.parquet"))
+        rows = sum(pq.read_metadata(path).num_rows for path in parquet)
+        assert rows > 0, f"no rows under {dataset}"
+        print(f"{command} in a fresh clone: {time.monotonic() - began:.0f} s, {rows} rows in {len(parquet)} files")
+    finally:
+        # A fresh .venv holds several GB (torch); pytest keeps the last tmp dirs, so drop it now.
+        shutil.rmtree(clone / ".venv", ignore_errors=True)
+
+
+def _path_without_venvs(path: str) -> str:
+    """PATH minus virtualenv bin folders, so the clone's scripts cannot pick up the caller's tools."""
+    return os.pathsep.join(p for p in path.split(os.pathsep) if not (Path(p).parent / "pyvenv.cfg").exists())
