@@ -186,9 +186,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _value_range(mode: str, array: np.ndarray) -> tuple[float, float]:
     """The stored values that map to black and white for a 16-bit, 32-bit integer or float grey image.
 
-    16-bit: the full 0-65535 range (a dark 16-bit image stays dark). 32-bit integers: 0-255 when they fit
-    in 8 bits, else 0-65535 when they fit in 16, else their own range. Floats: the [0, 1] convention when
-    the values lie in it, else their own finite range (a float32 TIFF in [0, 1] must not turn black).
+    16-bit: the full 0-65535 range (a dark 16-bit image stays dark). Floats in [0, 1]: that range (a float32
+    TIFF in [0, 1] must not turn black). Otherwise, values that fit 8 bits: 0-255; that fit 16 bits:
+    0-65535; anything else (negative, larger): their own finite range, so nothing is clipped to black/white.
     """
     if mode.startswith("I;16"):
         return 0.0, 65535.0
@@ -196,12 +196,13 @@ def _value_range(mode: str, array: np.ndarray) -> tuple[float, float]:
     if finite.size == 0:
         raise ImageRejected("corrupt", f"{mode} image holds no finite pixel value")
     low, high = float(finite.min()), float(finite.max())
-    if mode == "F" and low >= 0.0 and high <= 1.0:
-        return 0.0, 1.0
-    if low >= 0.0 and high <= 255.0 and mode == "I":
-        return 0.0, 255.0
-    if low >= 0.0 and high <= 65535.0 and mode == "I":
-        return 0.0, 65535.0
+    if low >= 0.0:
+        if mode == "F" and high <= 1.0:
+            return 0.0, 1.0
+        if high <= 255.0:
+            return 0.0, 255.0
+        if high <= 65535.0:
+            return 0.0, 65535.0
     return (low, high) if high > low else (low - 1.0, high)
 
 

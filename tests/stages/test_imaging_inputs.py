@@ -239,3 +239,8 @@ def test_reduced_16_bit_hash_matches_the_8_bit_rendering():
     scene = synthetic_scene(2100, 1500, 8).convert("L")
     sixteen = Image.fromarray(np.asarray(scene, dtype=np.uint16) * 257)  # full 16-bit range, same picture
     assert hamming_distance(inspect(encode(sixteen, "PNG")).phash, inspect(encode(scene, "PNG")).phash) <= 4
+
+
+def test_sibling_float_tiff_holding_8_bit_values_keeps_them():
+    data = encode(Image.fromarray(np.full((48, 64), 98.0, dtype=np.float32), mode="F"), "TIFF")
+    assert load_rgb(data).getpixel((3, 3)) == (98, 98, 98)
