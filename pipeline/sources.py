@@ -96,7 +96,7 @@ def _invalid_item(source: str, where: str, reason: str, message: str) -> dict[st
     }
 
 
-def _row_to_item(row: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+def _row_to_item(row: dict[str, Any], source: str, where: str, stripped: list[str]) -> dict[str, Any]:
     """One list row -> one crawl item; a row without a usable URL becomes an ``invalid`` item, not an error."""
     url_key = _url_key(row)
     if url_key is None:
@@ -113,9 +113,7 @@ def _row_to_item(row: dict[str, Any], source: str, where: str) -> dict[str, Any]
     url = value.strip().lstrip(BOM).strip()
     cleaned = redact_url(url)
     if cleaned != url:
-        logger.warning(
-            "%s: %s: removed credentials from the URL (they are never sent, stored or logged)", source, where
-        )
+        stripped.append(where)
     kind, refusal = list_ref_kind(cleaned)
     if refusal is not None:
         return _invalid_item(source, where, "unsupported_scheme", f"{refusal}: {cleaned!r}")
@@ -185,8 +183,16 @@ def expand_source(source: str, s3: S3Settings, suffixes: frozenset[str] = IMAGE_
                     "metadata_json": "{}",
                 }
         return
+    stripped: list[str] = []  # rows whose URL carried credentials (reported once per list, never the secret)
     for where, row in _read_list_rows(source, s3):
-        yield _row_to_item(row, source, where)
+        yield _row_to_item(row, source, where, stripped)
+    if stripped:
+        logger.warning(
+            "%s: removed credentials from %d URLs (first: %s); they are never sent, stored or logged",
+            source,
+            len(stripped),
+            stripped[0],
+        )
 
 
 def items_checksum(items: list[dict[str, Any]]) -> str:

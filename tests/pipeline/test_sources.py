@@ -167,6 +167,7 @@ def test_credentials_are_stripped_when_planning(tmp_path, caplog):
     [item] = plan_items([str(path)], S3Settings())[0][1]
     assert item["source_ref"] == "http://h/x.jpg"
     assert "secret" not in json.dumps(item) and "secret" not in caplog.text
+    assert "removed credentials from 1 URLs (first: row 1)" in caplog.text
 
 
 def test_sibling_csv_row_longer_than_its_header_is_kept_with_the_surplus_as_metadata(tmp_path):
