@@ -91,7 +91,10 @@ def validate_command(command: list[str], working_dir: str | Path = ".") -> None:
     Raises:
         ValueError: one line saying what is wrong (unknown option, invalid config, no input).
     """
+    import yaml
+
     from ps3_engine.pipeline.cli import build_parser
+    from ps3_engine.pipeline.cli_errors import check_overrides, describe_config_error, yaml_problem
     from ps3_engine.pipeline.config import ConfigError, load_run_config
 
     if command[:1] == ["ps3-engine"]:
@@ -110,9 +113,12 @@ def validate_command(command: list[str], working_dir: str | Path = ".") -> None:
     if path is not None and not path.is_file():
         raise ValueError(f"the job's --config {config_path} is not a file under the working dir {working_dir}")
     try:
+        check_overrides(args.overrides)
         config = load_run_config(path, list(args.overrides), run_root=args.run_root, **inputs)
     except ConfigError as exc:
-        raise ValueError("the job's run config is invalid: " + " ".join(str(exc).split())) from exc
+        raise ValueError(f"the job's run config is invalid: {describe_config_error(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the job's --config {config_path} is not valid YAML: {yaml_problem(exc)}") from None
     if not any(getattr(config, field) for field in fields):
         flags = "--input SRC" + (" or --documents SRC" if command[0] == "run" else "")
         raise ValueError(
