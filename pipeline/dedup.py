@@ -211,7 +211,9 @@ def _reusable_index(layout: RunLayout, previous: dict | None, shards: dict[str, 
 
 def _canonical(table: pa.Table, shard_ids: list[str]) -> pa.Table:
     """``table`` sorted by (shard id, row); a no-op when new shards sort after the indexed ones."""
-    rank = pc.index_in(table["shard_id"], value_set=pa.array(shard_ids)).to_numpy(zero_copy_only=False)
+    # Typed: with no committed shard (all failed) an untyped empty array is null-typed and index_in raises.
+    value_set = pa.array(shard_ids, pa.string())
+    rank = pc.index_in(table["shard_id"], value_set=value_set).to_numpy(zero_copy_only=False)
     key = rank.astype(np.int64) << 32 | table["row"].to_numpy().astype(np.int64)
     if key.size < 2 or bool(np.all(key[1:] > key[:-1])):
         return table

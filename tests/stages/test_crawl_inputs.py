@@ -4,6 +4,7 @@ shard or read local files now end as exactly one error row each, next to good it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -79,3 +80,17 @@ def test_parquet_list_with_null_and_integer_urls_keeps_its_good_rows(zoo, tmp_pa
     pq.write_table(pa.table({"url": [7, 8]}), ints)
     result, layout = crawl(tmp_path / "ints", ints)
     assert (result.kept_rows, result.errors_by_reason) == (0, {"invalid_url": 2})
+
+
+def test_a_storage_failure_fails_only_its_shard_and_names_it_and_the_cause(zoo, tmp_path):
+    """Shard-level causes fail the shard, named with the cause; the run (and its dedup) still ends cleanly."""
+    source = tmp_path / "list.txt"
+    source.write_text(zoo.url("/good/0.jpg") + "\n")
+    (tmp_path / "run" / "crawl").mkdir(parents=True)
+    (tmp_path / "run" / "crawl" / "errors").write_text("a file where the errors folder goes")
+    result, _ = crawl(tmp_path, source)  # before: dedup over zero committed shards raised ArrowTypeError
+    assert result.computed_shards == 0 and len(result.failed_shards) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    [failed] = summary["failed_shards"]
+    assert failed["shard_id"] == result.failed_shards[0]
+    assert "could not write" in failed["message"] and "crawl/errors/part-" in failed["message"]
