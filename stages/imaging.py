@@ -264,17 +264,20 @@ def inspect_image(
     held = budget.hold(stored_w * stored_h) if budget is not None and not is_jpeg else _no_budget()
     with held:
         try:
-            orientation = exif_orientation(img)
             if is_jpeg:
+                orientation = exif_orientation(img)
                 phash = _oriented_phash(_validate_jpeg(data, img), orientation)
             else:
+                # Load first: Pillow's PNG getexif() loads the pixels itself, exif_orientation() swallows
+                # the decode error, and a second load() then "succeeds" on half-decoded pixels.
                 img.load()
+                orientation = exif_orientation(img)
                 phash = _oriented_phash(to_rgb(_reduced(img)), orientation)
         except (ImageRejected, MemoryError):
             raise
         except Exception as exc:
             # Whatever the decoder raises (OSError, ValueError, SyntaxError, struct.error, ...) is about these bytes.
-            raise ImageRejected(_decode_reason(exc), f"{fmt} decode failed: {exc}") from exc
+            raise ImageRejected(_decode_reason(exc, fmt, data), f"{fmt} decode failed: {exc}") from exc
         finally:
             img.close()  # frees the full-size decode before the budget is released
     width, height = (stored_h, stored_w) if orientation in TRANSPOSING_ORIENTATIONS else (stored_w, stored_h)
@@ -291,10 +294,18 @@ def _no_budget() -> Iterator[None]:
     yield
 
 
-def _decode_reason(exc: BaseException) -> str:
+def _decode_reason(exc: BaseException, fmt: str, data: bytes) -> str:
+    """``truncated`` when the data ends early, else ``corrupt``.
+
+    Pillow says "broken data stream" for a PNG cut short and for damaged compressed data alike; a PNG
+    that still ends with its IEND chunk was not cut short.
+    """
     text = str(exc).lower()
     truncated = ("truncat", "broken data stream", "premature end of jpeg file")
-    return "truncated" if any(marker in text for marker in truncated) else "corrupt"
+    if not any(marker in text for marker in truncated):
+        return "corrupt"
+    damaged_png = fmt == "PNG" and "broken data stream" in text and data[-8:-4] == b"IEND"
+    return "corrupt" if damaged_png else "truncated"
 
 
 def _validate_jpeg(data: bytes, img: Image.Image) -> Image.Image:

@@ -244,3 +244,21 @@ def test_reduced_16_bit_hash_matches_the_8_bit_rendering():
 def test_sibling_float_tiff_holding_8_bit_values_keeps_them():
     data = encode(Image.fromarray(np.full((48, 64), 98.0, dtype=np.float32), mode="F"), "TIFF")
     assert load_rgb(data).getpixel((3, 3)) == (98, 98, 98)
+
+
+@pytest.mark.parametrize("compress_level", [0, 6])
+def test_sibling_png_with_damaged_pixel_data_is_corrupt_not_kept(compress_level):
+    """Pillow raises on this PNG, but only once: the EXIF lookup's load swallowed it and validation kept it."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = bytearray(encode(Image.fromarray(noise), "PNG", compress_level=compress_level))
+    middle = len(data) // 2
+    data[middle : middle + 50] = bytes(50)
+    assert not pillow_decodes(bytes(data))
+    error = rejection(bytes(data))
+    assert (error.reason, error.message) == ("corrupt", "PNG decode failed: broken data stream when reading image file")
+
+
+def test_png_cut_short_is_still_truncated():
+    noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    assert rejection(data[: len(data) // 2]).reason == "truncated"
