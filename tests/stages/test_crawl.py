@@ -136,6 +136,8 @@ def test_every_input_item_leaves_exactly_once(local_run):
     assert len(inputs) == len(set(inputs)) == len(ZOO_EXPECTED)
     assert sorted(outputs + shard_errors) == sorted(inputs)
     assert layout.dropped_item_ids() <= set(outputs)
+    # The Ray run too: the listed credentials reached no file (inputs, parts, errors, summary, logs).
+    assert not [p for p in Path(run_root).rglob("*") if p.is_file() and CREDENTIAL_SECRET.encode() in p.read_bytes()]
 
 
 def test_second_run_writes_nothing_and_fetches_nothing(local_run, zoo, url_list):
