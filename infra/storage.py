@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ class Storage:
             raise
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.uri(key)} does not exist") from exc
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, pa.ArrowException, BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not {action} {self.uri(key)}: {exc}") from exc
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
@@ -268,7 +269,12 @@ class Storage:
                 out.write(data)
             if self.is_s3:
                 fs.copy_file(tmp_path, final_path)
-                self._delete_s3_objects([tmp_path])
+                try:
+                    self._delete_s3_objects([tmp_path])
+                except (StorageError, BotoCoreError, ClientError) as exc:
+                    # The object is committed; a temporary copy left behind is invisible to readers
+                    # and goes with the next cleanup_tmp.
+                    logger.warning("left %s behind: %s", self.uri(tmp_key), exc)
             else:
                 fs.move(tmp_path, final_path)
                 fs.delete_dir(self.path(tmp_dir))
