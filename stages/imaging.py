@@ -167,9 +167,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert(COLOUR_KEY_ALPHA_MODES[img.mode])
     if img.mode in SIXTEEN_BIT_AND_WIDER_MODES:
         array = np.asarray(img, dtype=np.float64)
-        low, peak = _value_range(img.mode, array)
-        scaled = np.nan_to_num((array - low) * (255.0 / (peak - low)), nan=0.0, posinf=255.0, neginf=0.0)
-        grey = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+        grey = Image.fromarray(_grey_levels(img.mode, array).astype(np.uint8), mode="L")
         if key is None:
             img = grey
         else:
@@ -181,6 +179,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _grey_levels(mode: str, array: np.ndarray) -> np.ndarray:
+    """A wide-mode image's values mapped onto [0, 255] as floats (not rounded), by :func:`_value_range`."""
+    low, peak = _value_range(mode, array)
+    scaled = np.nan_to_num((array - low) * (255.0 / (peak - low)), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(scaled, 0.0, 255.0)
+
+
+def _hash_source(img: Image.Image) -> Image.Image:
+    """What :func:`perceptual_hash` reads: ``to_rgb(img)``, except for wide grey modes without a colour key.
+
+    Those are hashed from their unrounded levels (mode ``F``): a 16-bit image whose values stay below 256
+    renders as 8-bit zeros, and its hash from that rendering was all zeros, so unrelated such images were
+    near-duplicates of each other. pHash ignores the brightness scale, so the hash equals the 8-bit copy's.
+    """
+    if img.mode not in SIXTEEN_BIT_AND_WIDER_MODES or _colour_key(img) is not None:
+        return to_rgb(img)
+    levels = _grey_levels(img.mode, np.asarray(img, dtype=np.float64))
+    return Image.fromarray(levels.astype(np.float32), mode="F")
 
 
 def _value_range(mode: str, array: np.ndarray) -> tuple[float, float]:
@@ -215,8 +233,11 @@ def _dct_matrix(size: int) -> np.ndarray:
 
 
 def perceptual_hash(img: Image.Image) -> int:
-    """64-bit DCT perceptual hash (pHash): low 8x8 DCT coefficients of a 32x32 grey image vs their median."""
-    grey = img.convert("L").resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.BOX)
+    """64-bit DCT perceptual hash (pHash): low 8x8 DCT coefficients of a 32x32 grey image vs their median.
+
+    A mode ``F`` image is read as grey levels without rounding them to 8 bits (see :func:`_hash_source`).
+    """
+    grey = (img if img.mode == "F" else img.convert("L")).resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.BOX)
     pixels = np.asarray(grey, dtype=np.float64)
     dct = _dct_matrix(PHASH_SIZE)
     low = (dct @ pixels @ dct.T)[:PHASH_BITS_SIDE, :PHASH_BITS_SIDE].flatten()
@@ -272,7 +293,7 @@ def inspect_image(
                 # the decode error, and a second load() then "succeeds" on half-decoded pixels.
                 img.load()
                 orientation = exif_orientation(img)
-                phash = _oriented_phash(to_rgb(_reduced(img)), orientation)
+                phash = _oriented_phash(_hash_source(_reduced(img)), orientation)
         except (ImageRejected, MemoryError):
             raise
         except Exception as exc:

@@ -262,3 +262,19 @@ def test_png_cut_short_is_still_truncated():
     noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noise), "PNG")
     assert rejection(data[: len(data) // 2]).reason == "truncated"
+
+
+def test_16_bit_images_holding_8_bit_values_get_distinct_hashes_not_zero():
+    """Known bug: rendered to 8 bits over 0-65535 such images were all zeros, so every pHash was 0 (near-dups)."""
+    scenes = [synthetic_scene(1300, 1100, seed).convert("L") for seed in (30, 31)]
+    low_16 = [encode(Image.fromarray(np.asarray(s, dtype=np.uint16)), "PNG") for s in scenes]
+    hashes = [inspect(data).phash for data in low_16]
+    assert all(h != 0 for h in hashes)
+    assert hamming_distance(*hashes) > 10
+    assert hashes[0] == inspect(encode(scenes[0], "PNG")).phash  # same picture as its 8-bit copy
+
+
+def test_sibling_dark_16_bit_values_up_to_1000_hash_like_the_full_range_copy():
+    scene = np.asarray(synthetic_scene(1300, 1100, 32).convert("L"), dtype=np.uint16)
+    dark, full = (encode(Image.fromarray(scene * k), "PNG") for k in (4, 257))
+    assert hamming_distance(inspect(dark).phash, inspect(full).phash) <= 2
