@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Literal
 
 import pyarrow as pa
@@ -109,10 +112,30 @@ def redact_secrets(text: str, secrets: Sequence[str] | None = None) -> str:
         secrets: exact values to remove; default :func:`secret_values` of this process's environment.
     """
     for value in secret_values() if secrets is None else secrets:
-        text = text.replace(value, REDACTED)
+        for form in encoded_forms(value):
+            text = text.replace(form, REDACTED)
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+@lru_cache(maxsize=256)
+def encoded_forms(value: str) -> tuple[str, ...]:
+    """``value`` as a service may echo it: verbatim, percent-encoded, or base64 (standard or URL-safe).
+
+    A base64 echo may start at any byte of a longer encoded string ("Basic " + b64("user:" + key)), so
+    each of the 3 byte alignments contributes the characters that encode only the value's own bits.
+    Forms shorter than :data:`MIN_SECRET_CHARS` are left out (they would match ordinary text).
+    """
+    raw = value.encode()
+    forms = {value, urllib.parse.quote(value, safe="")}
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode().rstrip("=")
+        first = -(-offset * 8 // 6)  # first character holding no bit of the padding bytes
+        last = (offset + len(raw)) * 8 // 6  # characters past this hold bits of what follows
+        core = encoded[first:last]
+        forms.update({core, core.replace("+", "-").replace("/", "_")})
+    return tuple(sorted((f for f in forms if len(f) >= MIN_SECRET_CHARS), key=len, reverse=True))
 
 
 REDACTED_COLUMNS = ("message", "input_ref")

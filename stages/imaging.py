@@ -128,7 +128,18 @@ def _open(data: bytes, content_type: str | None) -> Image.Image:
         # Pillow's plugins raise ValueError, SyntaxError, struct.error, ... for what they cannot parse;
         # a text/XMP chunk that inflates past Pillow's 1 MB safety limit is one such ValueError.
         reason = "oversized_metadata" if "decompressed data too large" in str(exc).lower() else "corrupt"
+        if _riff_cut_short(data):
+            # libwebp refuses a cut-short file at open ("could not create decoder object"), unlike Pillow's
+            # own decoders, which fail in load(); the RIFF size says which it is.
+            reason = "truncated"
         raise ImageRejected(reason, f"header could not be parsed: {type(exc).__name__}: {exc}") from exc
+
+
+def _riff_cut_short(data: bytes) -> bool:
+    """True when ``data`` is a RIFF/WebP file shorter than the size its RIFF header declares."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    return int.from_bytes(data[4:8], "little") + 8 > len(data)
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -322,6 +333,8 @@ def _decode_reason(exc: BaseException, fmt: str, data: bytes) -> str:
     that still ends with its IEND chunk was not cut short.
     """
     text = str(exc).lower()
+    if _riff_cut_short(data):
+        return "truncated"
     truncated = ("truncat", "broken data stream", "premature end of jpeg file")
     if not any(marker in text for marker in truncated):
         return "corrupt"
