@@ -189,7 +189,7 @@ def _read_shard(layout: RunLayout, shard_id: str) -> pa.Table:
         "num_bytes": table["num_bytes"],
         "component": pa.array(np.full(num, -1, np.int64)),
     }
-    return pa.table(columns).cast(INDEX_SCHEMA)
+    return pa.table(columns).cast(INDEX_SCHEMA).combine_chunks()
 
 
 def _read_shards(layout: RunLayout, shard_ids: list[str]) -> pa.Table:
