@@ -137,3 +137,26 @@ def test_status_check_names_a_damaged_file_and_fails(image_folder, tmp_path, cap
     out = capsys.readouterr().out
     assert f"DAMAGED {part} does not match the sha256 its manifest recorded" in out
     assert main(["status", str(run_root), "--check"]) == 1
+
+
+def test_damage_is_found_on_s3_too(s3_bucket, s3_server):
+    """The cheap rerun check on S3: one metadata request per file, sizes against the manifest."""
+    import pyarrow as pa
+
+    from ps3_engine.pipeline.layout import ShardTask
+    from ps3_engine.schemas import ERROR_SCHEMA
+
+    layout = RunLayout(Storage(f"s3://{s3_bucket}/run#1"))
+    task = ShardTask("crawl", "0001", "crawl/_input/0001.parquet", "c", ())
+    output = pa.table({"x": list(range(500))})
+    entry = layout.commit_shard(
+        task, fingerprint="f", output=output, errors=ERROR_SCHEMA.empty_table(), attempt=1, wall_seconds=0.0
+    )
+    assert layout.shard_state(task, "f", entry) == "done"
+    data = layout.storage.read_bytes(entry.output_key)
+    s3_server.client().put_object(Bucket=s3_bucket, Key=f"run#1/{entry.output_key}", Body=data[:100])
+    assert layout.shard_state(task, "f", entry) == "damaged"
+    assert layout.damage(entry) == (
+        "damaged",
+        f"s3://{s3_bucket}/run#1/crawl/part-0001.parquet is 100 bytes but its manifest recorded {len(data)}",
+    )
