@@ -68,11 +68,17 @@ def brute_force_kept_rows(rows: dict[str, np.ndarray], k: int) -> np.ndarray:
     _, first = np.unique(digest_ids, return_index=True)
     values = rows["phash"][first]
     pairs_a, pairs_b = [], []
-    chunk = 256
-    for start in range(0, values.size, chunk):
+    chunk, num = 512, values.size
+    # Preallocated buffers (out=): numpy's temporaries would otherwise dominate this O(n^2) loop.
+    xor, count, close = np.empty(chunk * num, np.uint64), np.empty(chunk * num, np.uint8), np.empty(chunk * num, bool)
+    for start in range(0, num, chunk):
         block = values[start : start + chunk]
-        close = np.bitwise_count(block[:, None] ^ values[None, start:]) <= k
-        i, j = np.nonzero(close)
+        shape = (block.size, num - start)
+        size = shape[0] * shape[1]
+        np.bitwise_xor(block[:, None], values[None, start:], out=xor[:size].reshape(shape))
+        np.bitwise_count(xor[:size].reshape(shape), out=count[:size].reshape(shape))
+        np.less_equal(count[:size].reshape(shape), k, out=close[:size].reshape(shape))
+        i, j = np.nonzero(close[:size].reshape(shape))
         pairs_a.append(i + start)
         pairs_b.append(j + start)
     a, b = np.concatenate(pairs_a), np.concatenate(pairs_b)
