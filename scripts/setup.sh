@@ -73,6 +73,8 @@ PY
 fi
 
 if has_extra models && ! "$py" -c "import sam2" 2>/dev/null; then
+  # --no-build-isolation (SAM2's build imports torch) builds with this environment's own tools.
+  quiet_pip "setuptools>=68" wheel
   if has_extra gpu; then
     # SAM2's CUDA extension (connected components for mask post-processing) needs nvcc and torch's CUDA
     # headers; a failed build must fail the image, not silently ship the pure-Python fallback.
