@@ -74,6 +74,21 @@ ZOO_EXPECTED: dict[str, tuple[str, str]] = {
     "/creds.jpg": ("kept", ""),  # listed as http://user:secret@host/creds.jpg: stored without the credentials
 }
 
+# Issue 14 instances and siblings that only the full-pipeline input zoo lists (tests/pipeline/test_input_zoo.py),
+# kept apart so the crawl tests' counts over ZOO_EXPECTED stay as they are. path -> crawl (category, reason).
+ZOO_EXTRA_EXPECTED: dict[str, tuple[str, str]] = {
+    "/thrice.jpg": ("kept", ""),  # kind 2: listed three times; the two repeats are duplicate_exact
+    "/blank-white.jpg": ("kept", ""),  # kind 5: a plain white 2048x1536 JPEG; segment: no_salient_region
+    "/sparse-7999.png": ("kept", ""),  # kind 8: a ~190 KB PNG of 7999x7999, validated within the pixel budget
+    "/low16-a.png": ("kept", ""),  # 16-bit PNGs holding 8-bit values: their pHashes were both 0, so
+    "/low16-b.png": ("kept", ""),  # the second was dropped as a near-duplicate of the first
+    "/truncated.webp": ("failed", "truncated"),  # kind 3/10: libwebp refused it at open ("corrupt")
+    "/bad-exif.jpg": ("kept", ""),  # garbage EXIF IFD, intact pixels
+    "/from-parquet.jpg": ("kept", ""),  # listed only by the zoo's Parquet list (large_string url column)
+    "/redirect-file": ("failed", "invalid_url"),  # kind 7: a redirect to file:///etc/passwd
+    "/redirect-metadata-v6": ("failed", "blocked_address"),  # -> http://[::ffff:169.254.169.254]/
+}
+
 # Paths listed with credentials in the URL; nothing stored or logged may contain CREDENTIAL_SECRET.
 CREDENTIAL_SECRET = "s3cr3t-zoo-password"
 CREDENTIAL_PATHS = frozenset({"/creds.jpg"})
@@ -189,7 +204,36 @@ def build_assets(cache: Path) -> dict[str, bytes]:
     assets["/anim.png"] = animation("PNG")
     assets["/anim-real.gif"] = animation("GIF")
     assets["/creds.jpg"] = cached("creds.jpg", lambda: _encode(scene(25), "JPEG", quality=90))
+    assets.update(_extra_assets(cached, scene))
     return assets
+
+
+def low_bit_depth_png(scene: Image.Image) -> bytes:
+    """A 16-bit grey PNG whose values are ``scene``'s 8-bit grey levels (max <= 255), as careless tools write."""
+    return _encode(Image.fromarray(np.asarray(scene.convert("L"), dtype=np.uint16)), "PNG", compress_level=1)
+
+
+def bad_exif_jpeg(scene: Image.Image) -> bytes:
+    """A good JPEG with an APP1 Exif segment whose IFD entries are random bytes."""
+    jpeg = _encode(scene, "JPEG", quality=90)
+    noise = np.random.default_rng(7).integers(0, 256, 60, dtype=np.uint8).tobytes()
+    exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x05" + noise
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + jpeg[2:]
+
+
+def _extra_assets(cached, scene) -> dict[str, bytes]:
+    """Bytes for :data:`ZOO_EXTRA_EXPECTED`."""
+    webp = cached("cut.webp", lambda: _encode(scene(31, (1280, 1024)), "WEBP", quality=80))
+    return {
+        "/thrice.jpg": cached("thrice.jpg", lambda: _encode(scene(26), "JPEG", quality=90)),
+        "/blank-white.jpg": cached("white.jpg", lambda: _encode(Image.new("RGB", GOOD_SIZE, "white"), "JPEG")),
+        "/sparse-7999.png": cached("sparse.png", lambda: _encode(Image.new("RGB", (7999, 7999), "teal"), "PNG")),
+        "/low16-a.png": cached("low16a.png", lambda: low_bit_depth_png(scene(27, (1280, 1024)))),
+        "/low16-b.png": cached("low16b.png", lambda: low_bit_depth_png(scene(28, (1280, 1024)))),
+        "/truncated.webp": webp[: len(webp) // 2],
+        "/bad-exif.jpg": cached("badexif.jpg", lambda: bad_exif_jpeg(scene(29))),
+        "/from-parquet.jpg": cached("parquet.jpg", lambda: _encode(scene(30), "JPEG", quality=90)),
+    }
 
 
 CONTENT_TYPES = {
@@ -281,6 +325,10 @@ def _handler(zoo: ZooServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(302, b"", {"Location": "/loop-a"})
             if path == "/redirect-metadata":
                 return self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})
+            if path == "/redirect-file":
+                return self._send(302, b"", {"Location": "file:///etc/passwd"})
+            if path == "/redirect-metadata-v6":
+                return self._send(302, b"", {"Location": "http://[::ffff:169.254.169.254]/latest/meta-data/"})
             if path == "/redirect-to-good":
                 return self._send(301, b"", {"Location": "/good/redirect-target.jpg"})
             if path == "/too-big.jpg":
