@@ -42,6 +42,7 @@ def build_tiny_text_tokenizer(out_dir: str | Path, vocab_size: int = TINY_TEXT_V
         vocab_size=vocab_size,
         special_tokens=["<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar writes blank lines to a stdout that is not a terminal
     )
     tokenizer.train_from_iterator(_corpus_lines() * 4, trainer)
     wrapped = PreTrainedTokenizerFast(
