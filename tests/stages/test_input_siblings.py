@@ -136,3 +136,19 @@ def test_s3_keys_with_spaces_plus_percent_and_unicode_are_read_as_written(s3_ser
         [part] = Path(config.run_root, "crawl").glob("part-*.parquet")
         rows = pq.read_table(part, columns=["source_ref", "image_bytes"]).to_pylist()
         assert {r["source_ref"].rsplit("/in/", 1)[1]: r["image_bytes"] for r in rows} == data, name
+
+
+ODD_NAMES = ["exp#1", "exp?v=1", "exp%231", "exp 1", "exp+1", "expé"]
+
+
+def test_run_roots_whose_names_differ_only_in_odd_characters_stay_apart(s3_server, s3_bucket, tmp_path):
+    """Kind 11's sibling for run roots: ``exp#1`` and ``exp`` (or ``exp?v=1``) must never be one place."""
+    for root in (f"s3://{s3_bucket}/runs", str(tmp_path)):
+        for odd in ODD_NAMES:
+            Storage(f"{root}/{odd}").write_bytes_atomic("marker.json", odd.encode())
+        assert not Storage(f"{root}/exp").exists("marker.json"), root
+        for odd in ODD_NAMES:
+            other = Storage(f"{root}/{odd}")
+            assert [o.key for o in other.list("")] == ["marker.json"], (root, odd)
+            assert other.read_bytes("marker.json") == odd.encode(), (root, odd)
+            assert other.uri("marker.json") == f"{root}/{odd}/marker.json"

@@ -81,7 +81,8 @@ ZOO_EXTRA_EXPECTED: dict[str, tuple[str, str]] = {
     "/blank-white.jpg": ("kept", ""),  # kind 5: a plain white 2048x1536 JPEG; segment: no_salient_region
     "/sparse-7999.png": ("kept", ""),  # kind 8: a ~190 KB PNG of 7999x7999, validated within the pixel budget
     "/low16-a.png": ("kept", ""),  # 16-bit PNGs holding 8-bit values: their pHashes were both 0, so
-    "/low16-b.png": ("kept", ""),  # the second was dropped as a near-duplicate of the first
+    "/low16-b.png": ("kept", ""),  # the second was dropped as a near-duplicate of the first. Like
+    # /good/gray16.png they render black on the 16-bit scale, so segment ends them as no_salient_region.
     "/truncated.webp": ("failed", "truncated"),  # kind 3/10: libwebp refused it at open ("corrupt")
     "/bad-exif.jpg": ("kept", ""),  # garbage EXIF IFD, intact pixels
     "/from-parquet.jpg": ("kept", ""),  # listed only by the zoo's Parquet list (large_string url column)
