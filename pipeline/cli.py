@@ -96,8 +96,12 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
-    """The resolved run config of a command (file, run snapshot, --set, options); attaches the run log."""
+def _load(args: argparse.Namespace, *, run_log: bool = True, **extra: object) -> RunConfig:
+    """The resolved run config of a command (file, run snapshot, --set, options); attaches the run log.
+
+    ``run_log=False`` for read-only commands: attaching creates ``<run>/logs/``, so a mistyped run root
+    given to ``config show`` or ``plan`` would otherwise leave a folder behind.
+    """
     check_overrides(args.overrides)
     overrides = list(args.overrides)
     if args.executor:
@@ -116,7 +120,8 @@ def _load(args: argparse.Namespace, **extra: object) -> RunConfig:
         raise ConfigError(f"{args.config}: not valid YAML: {yaml_problem(exc)}") from None
     except IsADirectoryError:
         raise ConfigError(f"--config {args.config} is a folder; give a YAML file (see configs/)") from None
-    attach_run_log(config.run_root)
+    if run_log:
+        attach_run_log(config.run_root)
     return config
 
 
@@ -261,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from ps3_engine.pipeline.plan import plan_run
 
-    config = _load(args, sources=args.input or None)
+    config = _load(args, run_log=False, sources=args.input or None)
     plans = plan_run(config, force=frozenset(args.force))
     if args.json:
         print(json.dumps({p.stage: {"shards": p.shards, "recompute": p.recompute} for p in plans}, indent=2))
@@ -448,7 +453,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         data["run_root"] = None
         print("# ps3-engine defaults; run_root is required (--run-root or run_root in the config file)")
     else:
-        data = _load(args).model_dump(mode="json")
+        data = _load(args, run_log=False).model_dump(mode="json")
     print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), end="")
     return 0
 
