@@ -213,9 +213,32 @@ def write_output_shard(storage: Storage, shard: OutputShard) -> dict[str, Any]:
         "global_captions": table.num_rows - table.column("global_caption").null_count,
         "sources": dict(zip(*_value_counts(table.column("source_list")), strict=True)),
         "sha256": checksum,
+        "bytes": _size(storage, shard.key),
         "pairs_key": shard.pairs_key,
         "pairs_sha256": pairs_checksum,
+        "pairs_bytes": _size(storage, shard.pairs_key),
     }
+
+
+def _size(storage: Storage, key: str) -> int:
+    info = storage.info(key)
+    return info.size if info is not None else -1
+
+
+def damaged_dataset_files(storage: Storage, manifest: dict[str, Any]) -> list[str]:
+    """URIs of the packed files ``manifest`` lists that are missing or not the size it recorded.
+
+    One metadata request per file (checksums are ``status --check``'s job). Manifests written before
+    sizes were recorded are checked for presence only.
+    """
+    damaged = []
+    for shard in manifest.get("shards", []):
+        for key_field, size_field in (("key", "bytes"), ("pairs_key", "pairs_bytes")):
+            info = storage.info(shard[key_field])
+            recorded = shard.get(size_field)
+            if info is None or (recorded is not None and info.size != recorded):
+                damaged.append(storage.uri(shard[key_field]))
+    return damaged
 
 
 def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
@@ -235,9 +258,13 @@ def build_corpus(
     storage = layout.storage
     if storage.exists(MANIFEST_KEY):
         previous = storage.read_json(MANIFEST_KEY)
-        if previous.get("input_fingerprint") == fingerprint:
+        damaged = damaged_dataset_files(storage, previous)
+        if previous.get("input_fingerprint") == fingerprint and not damaged:
             logger.info("corpus: dataset is up to date (%s)", fingerprint)
             return CorpusResult(False, previous)
+        if damaged:
+            # A committed file cut short or rewritten outside the engine: the whole pack is rebuilt.
+            logger.warning("corpus: %d dataset files are damaged (%s); packing again", len(damaged), damaged[0])
     source_lists: set[str] = set()
     plan = plan_pack(layout, config.target_shard_bytes, build=fingerprint[:8], source_lists=source_lists)
     extra = extra_columns_schema(source_lists, storage.s3)

@@ -233,6 +233,29 @@ def test_rerun_of_build_corpus_is_a_no_op(captioned, tmp_path):
     assert {key: (root / key).stat().st_mtime_ns for key in dataset_files(root)} == before
 
 
+@pytest.mark.parametrize("damage", ["appended", "cut", "deleted"])
+def test_rerun_repacks_a_damaged_dataset_file(captioned, tmp_path, damage):
+    """Issue 14 kind 4, sibling: a packed dataset file changed after its build was taken as up to date."""
+    import hashlib
+    import os
+
+    config = captioned.copy(tmp_path / "run")
+    root = tmp_path / "run"
+    shard = manifest(root)["shards"][0]
+    victim = root / (shard["key"] if damage != "cut" else shard["pairs_key"])
+    if damage == "appended":
+        victim.write_bytes(victim.read_bytes() + b"junk")
+    elif damage == "cut":
+        os.truncate(victim, victim.stat().st_size // 2)
+    else:
+        victim.unlink()
+    result = run_build_corpus(config)
+    assert result.dataset["rebuilt"] is True
+    for entry in manifest(root)["shards"]:
+        assert hashlib.sha256((root / entry["key"]).read_bytes()).hexdigest() == entry["sha256"]
+        assert hashlib.sha256((root / entry["pairs_key"]).read_bytes()).hexdigest() == entry["pairs_sha256"]
+
+
 def test_smaller_target_repacks_and_stale_shards_are_deleted(captioned, tmp_path):
     root = tmp_path / "run"
     config = captioned.copy(root)
