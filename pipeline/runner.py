@@ -248,6 +248,10 @@ _last_workers: dict[str, int] = {}
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:
     """Crawl every planned shard that is not complete and fresh (or retry transient failures)."""
     started = time.perf_counter()
+    if not retry_failed and not config.sources:
+        # Checked before open_run: a crawl that cannot start must not leave a run.json behind, which later
+        # commands given that run root would take for a run and continue from.
+        raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     layout = open_run(config)
     if retry_failed:
         tasks = _retry_tasks(layout)
