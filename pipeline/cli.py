@@ -153,7 +153,8 @@ def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
                     f"[dataset] {split}: {counts['images']} images, {counts['regions']} (box, caption) pairs, "
                     f"{counts['global_captions']} global captions in {counts['shards']} shards"
                 )
-            print(f"[dataset] at {result.dataset['root']} (manifest.json, pairs/)")
+            # The two table roots a reader is pointed at (README "Loading the corpus"), not the folder above.
+            print(f"[dataset] at {result.dataset['root']} (tables images/ and pairs/, manifest.json)")
     print(f"run root: {config.run_root} (summary.json, run.json)")
     log = current_run_log()
     if log is not None:
