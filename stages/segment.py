@@ -1,12 +1,15 @@
 """Segment stage: image rows -> the PS3 salient boxes of each image (region rows).
 
-Per image: decode a downscaled working copy (JPEG DCT scaling, so a 4K image is never decoded at full
-size), propose masks with the configured backend (SAM2, or the weight-free classical segmenter), score
-the candidate grid with the PS3 rule in full-resolution pixels and keep the top-k non-overlapping boxes
-among those holding real detail (a floor on edge density, so blank images have no salient region).
-Images are grouped into model batches by working-pixel count; a batch that runs out of memory is split
-and retried. An image that cannot be decoded or segmented, or that has no salient box, becomes an
-error row.
+Per image: decode a downscaled working copy (JPEG DCT scaling, ``mask_max_side``), propose masks with
+the configured backend, score the candidate grid with the PS3 rule in full-resolution pixels and keep
+the top-k non-overlapping boxes among those holding real detail (a floor on edge density measured on the
+working copy, so blank images have no salient region whatever the backend).
+The classical segmenter works on the working copy. SAM2 sees the image at native resolution (or
+``sam2.max_side``), decoded only when its model batch runs, so its crops come from the original pixels;
+its masks come back as compact column runs (see ``segmenters/sam2.py`` for the memory bound).
+Images are grouped into model batches by the pixels the backend sees; a batch that runs out of memory
+is split and retried. An image that cannot be decoded or segmented, or that has no salient box, becomes
+an error row.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -53,7 +57,9 @@ class SegmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["classical", "sam2"] = "classical"
-    mask_max_side: int = Field(1024, ge=32, description="long side of the working copy masks are computed on")
+    mask_max_side: int = Field(
+        1024, ge=32, description="long side of the working copy (classical masks, detail floor; SAM2: sam2.max_side)"
+    )
     box_side_fraction: float = Field(0.2, gt=0, le=1, description="candidate square side / image short side")
     aspect_ratios: tuple[float, ...] = (1.5,)
     grid_stride_fraction: float = Field(1.0, gt=0, le=1, description="1 = paper (touching squares)")
@@ -73,7 +79,8 @@ class SegmentConfig(BaseModel):
 
     def backend_settings(self) -> dict[str, Any]:
         backend = self.sam2 if self.backend == "sam2" else self.classical
-        settings = backend.model_dump(mode="json", exclude={"weights_cache_dir", "device"})
+        # Operational: where the model runs and how its prompts are batched change no output.
+        settings = backend.model_dump(mode="json", exclude={"weights_cache_dir", "device", "mask_batch_mb"})
         selection = self.model_dump(
             mode="json",
             include={
@@ -88,6 +95,15 @@ class SegmentConfig(BaseModel):
             },
         )
         return {"backend": settings, "selection": selection}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One image row on its way through the stage: its stored bytes and its ``(h, w, 3)`` working copy."""
+
+    row: dict[str, Any]
+    data: bytes
+    working: np.ndarray
 
 
 def region_id_for(image_id: str, box: BoxXYXY) -> str:
@@ -171,25 +187,37 @@ class SegmentStage(Stage):
             self.setup()
         regions: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        decoded: list[tuple[dict[str, Any], np.ndarray]] = []
+        decoded: list[Decoded] = []
         for row in batch.to_pylist():
             try:
-                decoded.append((row, self._working_copy(row)))
+                data = stored_image_bytes(row, self.config.s3)
+                decoded.append(Decoded(row, data, np.asarray(load_rgb(data, max_side=self.config.mask_max_side))))
             except (ImageRejected, OSError, ValueError) as exc:
                 errors.append(self._error(context, row, "undecodable", str(exc)))
             except Exception as exc:  # per-item isolation: one item never fails its shard
                 errors.append(
                     unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
                 )
-        sizes = [image.shape[0] * image.shape[1] for _, image in decoded]
+        sizes = [self._model_pixels(item) for item in decoded]
         for group in pixel_batches(sizes, self.config.max_batch_pixels):
             self._segment_group([decoded[i] for i in group], context, regions, errors)
         return BatchResult(rows_to_table(regions, REGION_SCHEMA), errors_table(errors))
 
     # -- helpers -------------------------------------------------------------------------------
-    def _working_copy(self, row: dict[str, Any]) -> np.ndarray:
-        data = stored_image_bytes(row, self.config.s3)
-        return np.asarray(load_rgb(data, max_side=self.config.mask_max_side))
+    def _model_pixels(self, item: Decoded) -> int:
+        """Pixels the backend will see for this image (the unit of ``max_batch_pixels``)."""
+        if self.config.backend != "sam2":
+            return item.working.shape[0] * item.working.shape[1]
+        width, height = item.row["width"], item.row["height"]
+        cap = self.config.sam2.max_side
+        scale = min(1.0, cap / max(width, height)) if cap else 1.0
+        return round(width * scale) * round(height * scale)
+
+    def _model_input(self, item: Decoded) -> np.ndarray:
+        """The image the backend sees: the working copy, or for SAM2 a fresh native-resolution decode."""
+        if self.config.backend != "sam2":
+            return item.working
+        return np.asarray(load_rgb(item.data, max_side=self.config.sam2.max_side))
 
     def _error(
         self, context: ShardContext, row: dict[str, Any], reason: str, message: str, category: str = "failed"
@@ -204,36 +232,59 @@ class SegmentStage(Stage):
         )
 
     def _segment_group(
+        self, group: list[Decoded], context: ShardContext, regions: list[dict[str, Any]], errors: list[dict[str, Any]]
+    ) -> None:
+        """Decode what the backend sees for one pixel-budgeted group (so only one group's native images
+        are in memory at a time), then segment it."""
+        ready: list[tuple[Decoded, np.ndarray]] = []
+        for item in group:
+            try:
+                ready.append((item, self._model_input(item)))
+            except (ImageRejected, OSError, ValueError) as exc:
+                errors.append(self._error(context, item.row, "undecodable", str(exc)))
+            except Exception as exc:  # per-item isolation
+                row = item.row
+                errors.append(
+                    unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
+                )
+        if ready:
+            self._propose(ready, context, regions, errors)
+
+    def _propose(
         self,
-        group: list[tuple[dict[str, Any], np.ndarray]],
+        group: list[tuple[Decoded, np.ndarray]],
         context: ShardContext,
         regions: list[dict[str, Any]],
         errors: list[dict[str, Any]],
     ) -> None:
-        """Segment a pixel-budgeted group; on out-of-memory split it in halves and retry."""
+        """Segment a decoded group; on out-of-memory split it in halves and retry."""
         assert self._segmenter is not None
         try:
-            results = self._segmenter.masks_batch([(image, row["width"], row["height"]) for row, image in group])
+            results = self._segmenter.masks_batch(
+                [(image, item.row["width"], item.row["height"]) for item, image in group]
+            )
         except Exception as exc:  # any backend failure is retried per image, so one image cannot fail the group
             if not is_out_of_memory(exc):
                 if len(group) == 1:
-                    errors.append(self._error(context, group[0][0], "segmenter_error", f"{type(exc).__name__}: {exc}"))
+                    row = group[0][0].row
+                    errors.append(self._error(context, row, "segmenter_error", f"{type(exc).__name__}: {exc}"))
                     return
-                for item in group:
-                    self._segment_group([item], context, regions, errors)
+                for entry in group:
+                    self._propose([entry], context, regions, errors)
                 return
             if len(group) == 1:
-                errors.append(self._error(context, group[0][0], "out_of_memory", str(exc)))
+                errors.append(self._error(context, group[0][0].row, "out_of_memory", str(exc)))
                 return
             middle = len(group) // 2
             logger.warning("segment: out of memory on %d images, splitting", len(group))
-            self._segment_group(group[:middle], context, regions, errors)
-            self._segment_group(group[middle:], context, regions, errors)
+            self._propose(group[:middle], context, regions, errors)
+            self._propose(group[middle:], context, regions, errors)
             return
         settings_json = json.dumps(self.config.backend_settings(), sort_keys=True)
-        for (row, working_image), masks in zip(group, results, strict=True):
+        for (item, _), masks in zip(group, results, strict=True):
+            row = item.row
             try:
-                selected = select_regions(masks, row["width"], row["height"], self.config, working_image)
+                selected = select_regions(masks, row["width"], row["height"], self.config, item.working)
             except Exception as exc:
                 errors.append(
                     unexpected_error_row(context, item_id=row["image_id"], input_ref=row["source_ref"], exc=exc)
