@@ -8,15 +8,16 @@ the writer version), so an unchanged input list plans to unchanged checksums.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
-import io
 import json
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -24,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ps3_engine.infra.http import redact_url
-from ps3_engine.infra.storage import S3Settings, is_s3_uri, list_uri, read_uri_bytes, uri_is_dir
+from ps3_engine.infra.storage import S3Settings, is_s3_uri, list_uri, resolve_filesystem, uri_is_dir
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline.streaming import OccurrenceIndex, ordered_prefetch
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
 from ps3_engine.stages.crawl import INVALID_MESSAGE_KEY, INVALID_REASON_KEY, item_id_for
 
@@ -134,39 +136,89 @@ def _row_to_item(row: dict[str, Any], source: str, where: str, stripped: list[st
     }
 
 
-def _decode_text(data: bytes, source: str) -> str:
-    """UTF-8 text with or without a byte-order mark; anything else is a clear error naming the line."""
+READ_BLOCK = 1 << 20  # bytes read from a list at a time
+ROW_BATCH = 2048  # rows decoded from a Parquet list (and items handed to the id assigner) at a time
+# What str.splitlines breaks at.
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _split_lines(text: str, final: bool, csv_lines: bool) -> tuple[list[str], str]:
+    """Complete lines of ``text`` (ends kept) and the unfinished rest, carried to the next block.
+
+    Text lists break lines as ``str.splitlines`` does; CSV lists only at ``\\n`` (as ``io.StringIO`` fed
+    ``csv`` before), so a quoted field may hold other line-break characters. A ``\\r`` that ends a block
+    waits for the next one, so a ``\\r\\n`` split across blocks stays one line break.
+    """
+    if csv_lines:
+        parts = text.split("\n")
+        lines, rest = [part + "\n" for part in parts[:-1]], parts[-1]
+    else:
+        lines = text.splitlines(keepends=True)
+        rest = lines.pop() if lines and (lines[-1][-1] not in LINE_BREAKS or lines[-1].endswith("\r")) else ""
+    if final and rest:
+        lines.append(rest)
+        rest = ""
+    return lines, rest
+
+
+def _text_lines(stream: Any, source: str, csv_lines: bool = False) -> Iterator[str]:
+    """Lines of a UTF-8 list (byte-order mark dropped), read in blocks of :data:`READ_BLOCK` bytes.
+
+    Raises:
+        ValueError: the list is not UTF-8 (the message names the line).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    rest = ""
+    newlines_before = 0
+    while True:
+        block = stream.read(READ_BLOCK)
+        try:
+            text = rest + decoder.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            line = newlines_before + block[: max(exc.start, 0)].count(b"\n") + 1
+            raise ValueError(f"{source}: line {line} is not UTF-8 text ({exc.reason}); save the list as UTF-8") from exc
+        newlines_before += block.count(b"\n")
+        lines, rest = _split_lines(text, not block, csv_lines)
+        yield from lines
+        if not block:
+            return
+
+
+def _parquet_rows(source: str, s3: S3Settings) -> Iterator[dict[str, Any]]:
+    """Rows of a Parquet list, decoded a batch at a time (never the whole file)."""
+    fs, path = resolve_filesystem(source, s3)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{source}: line {line} is not UTF-8 text ({exc.reason}); save the list as UTF-8") from exc
+        with fs.open_input_file(path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH):
+                yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{source}: not a readable Parquet file: {exc}") from exc
 
 
 def _read_list_rows(source: str, s3: S3Settings) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` for each row of a URL list; ``where`` names the row for messages ("line 3", "row 7")."""
+    """``(where, row)`` for each row of a URL list; ``where`` names the row for messages ("line 3", "row 7").
+
+    Lists are streamed (text in 1 MiB blocks, Parquet by row batches), so memory does not grow with them.
+    """
     suffix = PurePosixPath(source.split("?", 1)[0]).suffix.lower()
-    data = read_uri_bytes(source, s3)
-    if suffix in (".txt", ".lst", ".urls"):
-        for number, line in enumerate(_decode_text(data, source).splitlines(), start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield f"line {number}", {"url": line}
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_decode_text(data, source)))
-        for number, row in enumerate(reader, start=1):
+    if suffix == ".parquet":
+        for number, row in enumerate(_parquet_rows(source, s3), start=1):
             yield f"row {number}", row
-    elif suffix == ".parquet":
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{source}: not a readable Parquet file: {exc}") from exc
-        for number, row in enumerate(table.to_pylist(), start=1):
-            yield f"row {number}", row
-    else:
+        return
+    if suffix not in (".txt", ".lst", ".urls", ".csv"):
         raise ValueError(
             f"unsupported source {source!r}: expected a .txt/.csv/.parquet URL list, a folder or an S3 prefix"
         )
+    fs, path = resolve_filesystem(source, s3)
+    with fs.open_input_stream(path) as stream:
+        if suffix == ".csv":
+            for number, row in enumerate(csv.DictReader(_text_lines(stream, source, csv_lines=True)), start=1):
+                yield f"row {number}", row
+            return
+        for number, line in enumerate(_text_lines(stream, source), start=1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield f"line {number}", {"url": line}
 
 
 def expand_source(source: str, s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> Iterator[dict[str, Any]]:
@@ -199,26 +251,61 @@ def items_checksum(items: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
 
+PLAN_AHEAD = 4  # source files read and parsed at once while the driver assigns ids and cuts shards
+
+
+def _batched(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_planned_items(
+    sources: list[str], s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(source, items)`` batches of all sources in order, each item with its stable ``item_id``.
+
+    Up to :data:`PLAN_AHEAD` sources are read and parsed at once (threads); ids are assigned here in
+    source order, so they do not depend on timing. Memory is bounded by a few batches per source being
+    read plus about 8 bytes per distinct ref (:class:`OccurrenceIndex`).
+    """
+    occurrences = OccurrenceIndex()
+
+    def producer(source: str):
+        return lambda: ((source, batch) for batch in _batched(expand_source(source, s3, suffixes), ROW_BATCH))
+
+    counts: Counter[str] = Counter()
+    for source, batch in ordered_prefetch((producer(source) for source in sources), PLAN_AHEAD):
+        refs = [item["source_ref"] for item in batch]
+        for item, occurrence in zip(batch, occurrences.occurrences(refs), strict=True):
+            item["item_id"] = item_id_for(item["source_ref"], occurrence)
+        counts[source] += len(batch)
+        yield source, batch
+    for source in sources:
+        logger.info("source %s: %d items", source, counts[source])
+
+
 def plan_items(
     sources: list[str], s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    """All items of all sources with stable ids, grouped by source list."""
-    occurrences: Counter[str] = Counter()
-    grouped = []
-    for source in sources:
-        items = []
-        for item in expand_source(source, s3, suffixes):
-            ref = item["source_ref"]
-            item["item_id"] = item_id_for(ref, occurrences[ref])
-            occurrences[ref] += 1
-            items.append(item)
-        logger.info("source %s: %d items", source, len(items))
-        grouped.append((source, items))
-    return grouped
+    """All items of all sources with stable ids, grouped by source list (in memory: for small inputs)."""
+    grouped: dict[str, list[dict[str, Any]]] = {source: [] for source in sources}
+    for source, batch in iter_planned_items(sources, s3, suffixes):
+        grouped[source].extend(batch)
+    return list(grouped.items())
 
 
-def write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> None:
-    """Write a planned input shard unless the same items are already there (same checksum in its metadata)."""
+def write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> bool:
+    """Write a planned input shard unless the same items are already there (same checksum in its metadata).
+
+    Returns:
+        Whether the shard was written.
+    """
     if layout.storage.exists(key):
         try:
             with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
@@ -227,28 +314,92 @@ def write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: st
             logger.warning("rewriting unreadable input shard %s: %s", key, exc)
             existing = {}
         if existing.get(b"input_checksum", b"").decode() == checksum:
-            return
+            return False
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
     layout.storage.write_parquet_atomic(key, table)
+    return True
+
+
+def iter_shard_chunks(
+    sources: list[str], shard_size: int, s3: S3Settings, suffixes: frozenset[str] = IMAGE_SUFFIXES
+) -> Iterator[tuple[str, int, list[dict[str, Any]]]]:
+    """``(source, chunk_index, items)`` for each input shard, cut per source as the items stream in."""
+    chunk: list[dict[str, Any]] = []
+    current: str | None = None
+    index = 0
+    for source, batch in iter_planned_items(sources, s3, suffixes):
+        if source != current:
+            if chunk:
+                yield current, index, chunk  # type: ignore[misc]
+            current, index, chunk = source, 0, []
+        for item in batch:
+            chunk.append(item)
+            if len(chunk) == shard_size:
+                yield source, index, chunk
+                index, chunk = index + 1, []
+    if chunk:
+        yield current, index, chunk  # type: ignore[misc]
+
+
+class ShardWriter:
+    """Writes input shards on a few threads with a bounded number in flight (so memory stays bounded)."""
+
+    def __init__(self, layout: RunLayout, threads: int = 8, in_flight: int = 32) -> None:
+        self._layout = layout
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="plan-write")
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._futures: list[Future] = []
+        self.written = 0
+
+    def submit(self, key: str, items: list[dict[str, Any]], checksum: str) -> None:
+        self._slots.acquire()
+        future = self._pool.submit(
+            write_input_shard, self._layout, key, rows_to_table(items, CRAWL_ITEM_SCHEMA), checksum
+        )
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+        if len(self._futures) >= 1024:  # keep the list short: collect finished writes (and their errors)
+            self._reap(wait=False)
+
+    def _reap(self, wait: bool) -> None:
+        remaining = []
+        for future in self._futures:
+            if wait or future.done():
+                self.written += bool(future.result())  # raises a write error here
+            else:
+                remaining.append(future)
+        self._futures = remaining
+
+    def close(self) -> None:
+        try:
+            self._reap(wait=True)
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def plan_crawl(
     layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings, persist: bool = True
 ) -> list[ShardTask]:
-    """Plan (and, with ``persist``, write) crawl input shards. Unchanged shards are not rewritten."""
+    """Plan (and, with ``persist``, write) crawl input shards, streaming: shards are written as they fill.
+
+    Unchanged shards are not rewritten (their stored checksum is compared first).
+    """
     if not sources:
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     tasks: list[ShardTask] = []
-    writes: list[tuple[str, pa.Table, str]] = []
-    for source, items in plan_items(sources, s3):
-        prefix = hashlib.sha256(source.encode()).hexdigest()[:8]
-        for chunk_index, start in enumerate(range(0, len(items), shard_size)):
-            chunk = items[start : start + shard_size]
-            shard_id = f"{prefix}-{chunk_index:05d}"
+    prefixes = {source: hashlib.sha256(source.encode()).hexdigest()[:8] for source in sources}
+    writer = ShardWriter(layout) if persist else None
+    try:
+        for source, index, chunk in iter_shard_chunks(sources, shard_size, s3):
+            shard_id = f"{prefixes[source]}-{index:05d}"
+            key = RunLayout.crawl_input_key(shard_id)
             checksum = items_checksum(chunk)
-            writes.append((shard_id, rows_to_table(chunk, CRAWL_ITEM_SCHEMA), checksum))
-            tasks.append(ShardTask("crawl", shard_id, RunLayout.crawl_input_key(shard_id), checksum, (source,)))
-    if persist:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda w: write_input_shard(layout, RunLayout.crawl_input_key(w[0]), *w[1:]), writes))
+            if writer is not None:
+                writer.submit(key, chunk, checksum)
+            tasks.append(ShardTask("crawl", shard_id, key, checksum, (source,)))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        logger.info("planned %d crawl input shards, %d written (the rest were unchanged)", len(tasks), writer.written)
     return tasks
