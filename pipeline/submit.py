@@ -102,9 +102,10 @@ def validate_command(command: list[str], working_dir: str | Path = ".") -> None:
     args = _parse_job_args(build_parser(), command)
     fields = INPUT_FIELDS.get(command[0])
     config_path = getattr(args, "config", None)
-    if fields is None or (config_path is None and getattr(args, "run_root", None)):
-        # Not an input-planning command, or one that continues from the run's own config snapshot
-        # (run.json on the run root, which this client may not be able to read).
+    if fields is None:
+        return
+    if config_path is None and getattr(args, "run_root", None) and _continues_a_run(args):
+        # The job continues from the run's own config snapshot (run.json), which holds its inputs.
         return
     inputs = {"sources": getattr(args, "input", None), "document_sources": getattr(args, "documents", None)}
     if command[0] == "render":
@@ -124,6 +125,23 @@ def validate_command(command: list[str], working_dir: str | Path = ".") -> None:
         raise ValueError(
             f"the job has no input: add {flags} after '{command[0]}' or set {' / '.join(fields)} in the config"
         )
+
+
+def _continues_a_run(args: argparse.Namespace) -> bool:
+    """Whether the job's run root already holds a run snapshot, or this client cannot tell.
+
+    A run root that this client can read and that has no ``run.json`` is a new run, so it needs an input;
+    one it cannot reach (no credentials here, say) is given the benefit of the doubt.
+    """
+    from ps3_engine.infra.storage import Storage
+
+    if getattr(args, "input", None) or getattr(args, "documents", None):
+        return False  # inputs given: validate them below like any new run
+    try:
+        return Storage(args.run_root).exists("run.json")
+    except Exception:  # an unreachable or unauthorised store: the cluster may see what this client cannot
+        logger.debug("cannot read %s from this client; leaving the input check to the job", args.run_root)
+        return True
 
 
 def _parse_job_args(parser: argparse.ArgumentParser, command: list[str]) -> argparse.Namespace:

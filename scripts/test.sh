@@ -14,5 +14,8 @@ if ! command -v tesseract >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 
   apt-get install -y -q tesseract-ocr >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tesseract-ocr >/dev/null)
 fi
 export RAY_AUTH_MODE=disabled
+# The vLLM CPU environment (7.5 GB, ~5 min to build) is shared by clones on one machine: the slow vLLM tests
+# build it once there and each run points its editable install at the calling checkout.
+export PS3_VLLM_VENV="${PS3_VLLM_VENV:-$HOME/.cache/ps3-engine/venv-vllm}"
 .venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -214,6 +214,17 @@ def test_submit_refuses_a_bad_job_in_the_client_with_one_line(command, message, 
     assert re.search(message, err), err
 
 
+def test_submit_refuses_a_new_run_root_without_input_but_continues_an_existing_run(tmp_path):
+    fresh = tmp_path / "new-run"
+    with pytest.raises(ValueError, match="the job has no input"):
+        validate_command(["crawl", "--run-root", str(fresh)], ROOT)
+    existing = tmp_path / "old-run"
+    existing.mkdir()
+    (existing / "run.json").write_text("{}")
+    validate_command(["segment", "--run-root", str(existing)], ROOT)
+    validate_command(["crawl", "--run-root", str(existing)], ROOT)
+
+
 def test_submit_builds_the_runtime_env_without_credentials(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")
