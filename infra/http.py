@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import urllib3
@@ -362,8 +363,10 @@ def _cap_read_timeout(response: urllib3.BaseHTTPResponse, seconds: float) -> Non
 class GuardedHttpClient:
     """Thread-safe HTTP GET with guards, limits and retries. One instance per worker process."""
 
-    def __init__(self, settings: HttpSettings) -> None:
+    def __init__(self, settings: HttpSettings, shared_limits: Any | None = None) -> None:
         self.settings = settings
+        # Cluster-wide per-host leases (infra/host_limiter.SharedHostLimits): ``acquire(host)``/``release(host)``.
+        self._shared_limits = shared_limits
         self._pool = urllib3.PoolManager(
             num_pools=256,
             maxsize=settings.per_host_concurrency,
@@ -490,7 +493,7 @@ class GuardedHttpClient:
         if limits.bucket is not None:
             limits.bucket.acquire()
         timeout = urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s)
-        with limits.semaphore:
+        with limits.semaphore, self._shared_lease(host):
             try:
                 response = self._pool.urlopen(
                     "GET", url, redirect=False, retries=False, preload_content=False, timeout=timeout
@@ -502,6 +505,18 @@ class GuardedHttpClient:
                 yield response
             finally:
                 _discard(response)
+
+    @contextmanager
+    def _shared_lease(self, host: str) -> Iterator[None]:
+        """Hold the host's cluster-wide lease (when shared limits are set) for the whole request and body."""
+        if self._shared_limits is None:
+            yield
+            return
+        self._shared_limits.acquire(host)
+        try:
+            yield
+        finally:
+            self._shared_limits.release(host)
 
     def _finish(
         self,
