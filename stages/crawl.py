@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ps3_engine.infra.host_limiter import cluster_limits
 from ps3_engine.infra.http import FetchError, GuardedHttpClient, HttpSettings
 from ps3_engine.infra.storage import S3Settings, read_uri_bytes
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, IMAGE_SCHEMA, rows_to_table
@@ -58,7 +59,7 @@ class HttpConfig(BaseModel):
     max_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_redirects: int = Field(5, ge=0)
     per_host_concurrency: int = Field(8, ge=1)
-    per_host_rate: float | None = Field(None, gt=0, description="requests/s per host and worker")
+    per_host_rate: float | None = Field(None, gt=0, description="requests/s per host (the whole Ray job)")
     allow_private_addresses: bool = Field(
         False, description="allow loopback/private targets (in-cluster sources, tests); not link-local/metadata"
     )
@@ -191,7 +192,10 @@ class CrawlStage(Stage):
         return Resources(num_cpus=1.0, max_workers=self.config.max_workers, batch_size=self.config.batch_size)
 
     def setup(self) -> None:
-        self._client = GuardedHttpClient(self.config.http.to_settings())
+        settings = self.config.http.to_settings()
+        # On Ray, every crawl worker of the job shares one per-host limiter (issue 15 item 5).
+        shared = cluster_limits(settings.per_host_concurrency, settings.per_host_rate)
+        self._client = GuardedHttpClient(settings, shared)
         self._threads = ThreadPoolExecutor(self.config.download_threads, thread_name_prefix="crawl")
         self._budget = PixelBudget(self.config.validation_pixel_budget)
         use_large_decode_blocks()

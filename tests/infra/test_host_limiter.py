@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ps3_engine.infra.host_limiter import SharedHostLimits, get_or_create_limiter
+from ps3_engine.infra.host_limiter import SharedHostLimits, cluster_limits, get_or_create_limiter
 from ps3_engine.infra.http import GuardedHttpClient, HttpSettings
 
 NUM_WORKERS = 3
@@ -93,4 +93,23 @@ def test_a_hosts_concurrency_and_rate_hold_across_all_workers(ray_local, host):
     assert starts[-1] - starts[0] >= 0.9 * (len(starts) - 1) / rate  # slack for arrival jitter only
     stats = ray_local.get(actor.stats.remote())
     assert stats["granted"] == NUM_WORKERS * URLS_PER_WORKER
+    ray_local.kill(actor)
+
+
+def _worker_uses_cluster_limits(concurrency: int) -> bool:
+    limits = cluster_limits(concurrency, None)
+    if limits is None:
+        return False
+    limits.acquire("h")
+    limits.release("h")
+    return True
+
+
+def test_crawl_workers_of_one_job_share_a_limiter_and_the_driver_has_none(ray_local):
+    assert cluster_limits(3, None) is None  # the driver (and the in-process executor) keep per-process limits
+    remote = ray_local.remote(num_cpus=0)(_worker_uses_cluster_limits)
+    assert ray_local.get([remote.remote(3) for _ in range(3)]) == [True] * 3
+    job = ray_local.get_runtime_context().get_job_id()
+    actor = get_or_create_limiter(f"{job}-3-None", 3, None)  # the same named actor the workers found
+    assert ray_local.get(actor.stats.remote())["granted"] == 3  # one actor served all three workers
     ray_local.kill(actor)
