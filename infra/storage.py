@@ -82,6 +82,15 @@ class StorageError(OSError):
     """A storage operation failed; the message names the object (full URI) and the cause."""
 
 
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error number of ``exc``; pyarrow often gives it only in its message (``[errno 28]``)."""
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int):
+        return number
+    found = re.search(r"\[errno (\d+)\]", str(exc), flags=re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key/prefix`` -> ``("bucket", "key/prefix")``, every byte of the key kept as given.
 
@@ -238,7 +247,10 @@ class Storage:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self.uri(key)} does not exist") from exc
         except (OSError, pa.ArrowException, BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not {action} {self.uri(key)}: {exc}") from exc
+            error = StorageError(f"could not {action} {self.uri(key)}: {exc}")
+            # Keep the cause's errno (ENOSPC, EACCES...): callers decide on it whether a rerun can help.
+            error.errno = _errno_of(exc)
+            raise error from exc
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """All files under ``prefix`` (recursive), as keys relative to the root, sorted."""
