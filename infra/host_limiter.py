@@ -65,6 +65,9 @@ class HostLimiterActor:
         return {"granted": self.granted, "concurrency": self._concurrency, "rate": self._rate}
 
 
+LIMITER_NAMESPACE = "ps3-engine"
+
+
 def get_or_create_limiter(run_key: str, concurrency: int, rate: float | None) -> Any:
     """The run's limiter actor handle (created by the first worker that asks, found by name after).
 
@@ -75,6 +78,9 @@ def get_or_create_limiter(run_key: str, concurrency: int, rate: float | None) ->
 
     actor = ray.remote(HostLimiterActor).options(
         name=f"{LIMITER_NAME_PREFIX}-{run_key}",
+        # An explicit namespace: every worker of the job finds it, and Ray does not warn (on the user's
+        # console) about a detached actor in an anonymous namespace.
+        namespace=LIMITER_NAMESPACE,
         get_if_exists=True,
         lifetime="detached",  # a non-detached actor dies with the worker that created it, mid-crawl
         num_cpus=0,

@@ -75,10 +75,31 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
         parquet = sorted(dataset.rglob("*.parquet"))
         rows = sum(pq.read_metadata(path).num_rows for path in parquet)
         assert rows > 0, f"no rows under {dataset}"
+        noisy = [line for line in output.splitlines() if _is_ray_or_error_line(line)]
+        assert not noisy, "the demo's console shows Ray log lines or error-level lines:\n" + "\n".join(noisy[:10])
         print(f"{command} in a fresh clone: {time.monotonic() - began:.0f} s, {rows} rows in {len(parquet)} files")
     finally:
         # A fresh .venv holds several GB (torch); pytest keeps the last tmp dirs, so drop it now.
         shutil.rmtree(clone / ".venv", ignore_errors=True)
+
+
+# Ray's own console lines: worker/raylet prefixes such as "(raylet)" or "(MapBatches pid=123)", and its
+# logger format "<date> <time> INFO worker.py:1234 -- ...". Ours are "<date> <time> INFO ps3_engine...: ...".
+_RAY_LINE = re.compile(r"\((raylet|[\w()]*\s?pid=\d+)[^)]*\)|\s(INFO|WARNING|ERROR)\s+\w+\.py:\d+ -- ")
+_ERROR_LINE = re.compile(r"\s(ERROR|CRITICAL)\s|Traceback \(most recent call last\)")
+
+
+def _is_ray_or_error_line(line: str) -> bool:
+    return bool(_RAY_LINE.search(line) or _ERROR_LINE.search(line))
+
+
+def test_console_line_filter_recognises_ray_lines_and_errors():
+    assert _is_ray_or_error_line("\x1b[33m(raylet)\x1b[0m It looks like you're creating a detached actor")
+    assert _is_ray_or_error_line("(MapBatches(_run_tasks_once) pid=17893) hello")
+    assert _is_ray_or_error_line("2026-12-01 00:13:25,761\tINFO worker.py:2012 -- Started a local Ray instance.")
+    assert _is_ray_or_error_line("2026-12-01 00:13:25,761 ERROR ps3_engine.pipeline.runner: shard failed")
+    assert not _is_ray_or_error_line("2026-12-01 00:13:25,761 INFO ps3_engine.pipeline.runner: corpus: 4 shards")
+    assert not _is_ray_or_error_line("[crawl] rows: 24 kept; 4 failed {'truncated': 1}, errors=0")
 
 
 def _path_without_venvs(path: str) -> str:
