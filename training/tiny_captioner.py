@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ps3_engine.training.common.bpe import train_byte_level_bpe
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = [
@@ -69,23 +71,8 @@ def _draw_scene(rng: random.Random, size: int = 112) -> tuple[Image.Image, str]:
 
 
 def _train_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # show_progress=False: the trainer's bar writes blank lines to stdout when it is not a terminal,
-    # ahead of the demo's summary.
-    trainer = trainers.BpeTrainer(
-        vocab_size=640,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    wrapped = train_byte_level_bpe(
+        texts, 640, SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped

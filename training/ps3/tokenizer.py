@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ps3_engine.training.common.bpe import train_byte_level_bpe
 from ps3_engine.training.tiny_captioner import COLOURS, PLACES, SHAPES
 
 TINY_TEXT_VOCAB = 512
@@ -29,24 +30,16 @@ def _corpus_lines() -> list[str]:
 
 def build_tiny_text_tokenizer(out_dir: str | Path, vocab_size: int = TINY_TEXT_VOCAB) -> Path:
     """Train a byte-level BPE with pad/eos tokens and save it as a HF fast tokenizer (once)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     out = Path(out_dir)
     if (out / "tokenizer.json").is_file():
         return out
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,  # its bar writes blank lines to a stdout that is not a terminal
-    )
-    tokenizer.train_from_iterator(_corpus_lines() * 4, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    wrapped = train_byte_level_bpe(
+        _corpus_lines() * 4,
+        vocab_size,
+        ["<pad>", "</s>", "<unk>"],
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
     wrapped.save_pretrained(out)
     (out / "ps3_tiny_tokenizer.json").write_text(json.dumps({"vocab_size": len(wrapped)}))

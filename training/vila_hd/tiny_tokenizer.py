@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ps3_engine.training.common.bpe import train_byte_level_bpe
 from ps3_engine.training.tiny_captioner import COLOURS, PLACES, SHAPES
 from ps3_engine.training.vila_hd.data import DESCRIBE_TEMPLATES, QUESTION_TEMPLATES
 from ps3_engine.training.vila_hd.synthetic import SYNTHETIC_QUESTION, describe_quadrant
@@ -39,24 +40,13 @@ def _corpus_lines() -> list[str]:
 
 def build_tiny_chat_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB) -> Path:
     """Train a byte-level BPE with the chat special tokens and save it as a HF fast tokenizer (once)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     out = Path(out_dir)
     if (out / "tokenizer.json").is_file():
         return out
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_corpus_lines() * 2, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    wrapped = train_byte_level_bpe(
+        _corpus_lines() * 2,
+        vocab_size,
+        SPECIAL_TOKENS,
         pad_token=PAD_TOKEN,
         eos_token=TURN_END,
         unk_token=None,
