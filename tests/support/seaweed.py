@@ -117,7 +117,10 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
         f"-filer.port={ports['filer']}",
         f"-filer.port.grpc={ports['filer.grpc']}",
         f"-metricsPort={ports['metrics']}",
-        "-volume.max=200",
+        # Each bucket is a collection that grows 7 volumes at a time (and 7 more whenever its volumes fill
+        # at 32 MB): a whole suite's buckets used up 200 slots, and later uploads failed with
+        # "No writable volumes" (an S3 InternalError). Empty volumes are sparse files.
+        "-volume.max=1000",
         "-master.volumeSizeLimitMB=32",
     ]
     log = (data_dir / "weed.log").open("w")
