@@ -53,7 +53,9 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS")}
-    env.update(CI="true", PATH=_path_without_venvs(env.get("PATH", "")))
+    # RAY_ADDRESS=local: a new machine has no Ray running, but inside the suite a cluster started by an
+    # earlier test (`ray start`) would otherwise be joined, with that cluster's environment and code.
+    env.update(CI="true", PATH=_path_without_venvs(env.get("PATH", "")), RAY_ADDRESS="local")
     command = readme_setup_commands()[0]
     began = time.monotonic()
     try:
