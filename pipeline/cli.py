@@ -465,7 +465,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_overrides(args.overrides)
     attach_run_log(str(Path(args.out).resolve() / "run"))  # where run_demo puts its run root
     config, results = run_demo(Path(args.out), args.images, args.executor or "ray", args.overrides)
-    return _print_results(config, results)
+    status = _print_results(config, results)
+    images = sum(counts["images"] for r in results if r.dataset for counts in r.dataset["counts"].values())
+    if images == 0:
+        # The demo's inputs are fixed: an empty dataset means the engine is broken here, not the data.
+        print("error: the demo built an empty dataset: every image was filtered or failed (counts above)")
+        return 1
+    return status
 
 
 def cmd_export(args: argparse.Namespace) -> int:

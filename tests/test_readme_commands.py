@@ -76,7 +76,7 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
         assert manifest.is_file(), f"no manifest at {manifest}"
         parquet = sorted(dataset.rglob("*.parquet"))
         rows = sum(pq.read_metadata(path).num_rows for path in parquet)
-        assert rows > 0, f"no rows under {dataset}"
+        assert rows > 0, f"no rows under {dataset}:\n{output[-6000:]}"
         noisy = [line for line in output.splitlines() if _is_ray_or_error_line(line)]
         assert not noisy, "the demo's console shows Ray log lines or error-level lines:\n" + "\n".join(noisy[:10])
         print(f"{command} in a fresh clone: {time.monotonic() - began:.0f} s, {rows} rows in {len(parquet)} files")

@@ -187,3 +187,14 @@ def test_json_log_format_emits_one_object_per_line(capsys, tmp_path):
     record = logging.LogRecord("ps3", logging.WARNING, __file__, 1, "shard %s failed", ("s1",), None)
     line = json.loads(JsonLogFormatter().format(record))
     assert line["level"] == "WARNING" and line["message"] == "shard s1 failed" and line["logger"] == "ps3"
+
+
+def test_a_demo_that_builds_an_empty_dataset_fails_with_one_line(tmp_path, capsys):
+    """The demo's inputs are fixed, so an empty dataset means a broken engine: exit 1, not a quiet 0."""
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--images", "2", "--executor", "local"]
+    # Every generated scene is 2400x1600: a 5000-pixel floor filters them all at the crawl.
+    argv += ["--set", "crawl.min_short_side=5000", "--set", "executor.progress=false"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "error: the demo built an empty dataset" in out
+    assert "'too_small': 4" in out  # the 2 scenes, the small bad input and the scene's copy
