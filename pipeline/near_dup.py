@@ -12,6 +12,12 @@ split helps any more its pairs are checked exhaustively in chunks. Identical has
 caller first (they are trivially at distance 0).
 
 Everything is vectorised numpy over the hash column; no Python object per hash.
+
+With a ``rank`` per hash (the dedup wave it first appears in), the edges keep the components of every
+prefix ``rank <= r``, not only of the whole graph, so one search serves a sweep over all waves: cliques
+become stars centred on their lowest-rank member, and folds keep a minimum spanning forest under the
+edge weight ``max(rank)`` (Kruskal adds edges in weight order, so the forest edges of weight <= r span
+exactly the components of the subgraph of hashes of rank <= r).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from math import comb
 
 import numpy as np
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,8 @@ class EdgeSink:
     """Collects verified edges between node ids; folds them into one star per component when large."""
 
     num_nodes: int
+    # Optional ``int64[num_nodes]`` rank per node: edges then keep the components of every rank prefix.
+    rank: np.ndarray | None = None
     _parts: list[np.ndarray] = field(default_factory=list)
     _buffered: int = 0
     _folded: int = 0
@@ -67,6 +75,9 @@ class EdgeSink:
         self._num_searched += 1
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self.rank is not None:
+            self._add_ranked(a, b)
+            return
         if self._labels is not None and a.size:
             # An edge inside a component known at the last fold adds nothing (dense clusters repeat them).
             crossing = self._labels[a] != self._labels[b]
@@ -79,9 +90,27 @@ class EdgeSink:
                 self._parts = [_star_edges(self._labels)]
                 self._buffered = self._folded = self._parts[0].shape[1]
 
+    def _add_ranked(self, a: np.ndarray, b: np.ndarray) -> None:
+        # No filter by the last fold's labels here: an edge inside a component of the whole graph may
+        # still be the only link of an earlier prefix.
+        if a.size:
+            self._parts.append(np.stack([a, b]).astype(np.int64, copy=False))
+            self._buffered += a.size
+            if self._buffered > max(EDGE_BUFFER, 2 * self._folded):
+                self._parts = [spanning_forest(self.edges(), self.rank)]
+                self._buffered = self._folded = self._parts[0].shape[1]
+
+    def star(self, ids: np.ndarray) -> None:
+        """Link all of ``ids`` (members of a clique) by a star centred on the lowest-rank member."""
+        centre = 0 if self.rank is None else int(np.argmin(self.rank[ids]))
+        others = np.delete(ids, centre)
+        self.add(np.full(others.size, ids[centre]), others)
+
     def add_linked(self, ids: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         """Add the edges ``ids[a] - ids[b]`` of one group as a star per local component (dense groups)."""
-        if a.size:
+        if a.size and self.rank is not None:
+            self.add(*spanning_forest(np.stack([ids[a], ids[b]]), self.rank))
+        elif a.size:
             graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(ids.size, ids.size))
             star = _star_edges(connected_components(graph, directed=False)[1])
             self.add(ids[star[0]], ids[star[1]])
@@ -95,6 +124,24 @@ class EdgeSink:
         a, b = self.edges()
         graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(self.num_nodes, self.num_nodes))
         return connected_components(graph, directed=False)[1]
+
+
+def spanning_forest(edges: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """A minimum spanning forest of ``int64[2, E]`` edges under the weight ``max(rank[a], rank[b])``.
+
+    Its edges of weight <= r span the components of the subgraph of nodes of rank <= r, for every r.
+    """
+    a, b = np.minimum(edges[0], edges[1]), np.maximum(edges[0], edges[1])
+    nodes, local = np.unique(np.concatenate([a, b]), return_inverse=True)
+    la, lb = local[: a.size], local[a.size :]
+    # coo -> csr sums duplicate entries: keep one copy of each edge so that its weight stays its rank.
+    _, first = np.unique(la * nodes.size + lb, return_index=True)
+    la, lb = la[first], lb[first]
+    # +1: scipy's csgraph treats a zero weight as no edge.
+    weight = np.maximum(rank[nodes[la]], rank[nodes[lb]]).astype(np.float64) + 1.0
+    graph = coo_matrix((weight, (la, lb)), shape=(nodes.size, nodes.size)).tocsr()
+    tree = minimum_spanning_tree(graph).tocoo()
+    return np.stack([nodes[tree.row], nodes[tree.col]]).astype(np.int64)
 
 
 def _star_edges(labels: np.ndarray) -> np.ndarray:
@@ -150,7 +197,9 @@ def _choose_blocks(n: int, num_free: int, k: int) -> int | None:
     return best
 
 
-def near_edges(values: np.ndarray, max_distance: int, is_new: np.ndarray | None = None) -> np.ndarray:
+def near_edges(
+    values: np.ndarray, max_distance: int, is_new: np.ndarray | None = None, rank: np.ndarray | None = None
+) -> np.ndarray:
     """Edges between distinct hashes within ``max_distance`` bits; exact (no pair is missed).
 
     Args:
@@ -159,15 +208,20 @@ def near_edges(values: np.ndarray, max_distance: int, is_new: np.ndarray | None 
         is_new: optional ``bool[n]``; when given, edges between two non-new hashes may be left out
             (they are known from an earlier computation), which lets a small batch be compared
             against a large index without sorting the index into groups.
+        rank: optional ``int64[n]`` (e.g. the wave a hash first appears in); when given, the edges keep
+            the components of every subgraph ``rank <= r`` (see the module docstring). Not with ``is_new``.
 
     Returns:
         ``int64[2, E]`` node index pairs whose connected components equal those of the graph of all
         pairs within ``max_distance``. Not every such pair is listed: groups whose members all lie
         within k of each other contribute a star, and a large buffer is folded into one star per
-        component (so an edge may join two nodes linked only through others).
+        component (so an edge may join two nodes linked only through others). With ``rank``, every
+        edge ``a - b`` joins nodes linked through nodes of rank <= ``max(rank[a], rank[b])``.
     """
+    if rank is not None and is_new is not None:
+        raise ValueError("near_edges takes rank or is_new, not both")
     values = np.ascontiguousarray(values, dtype=np.uint64)
-    sink = EdgeSink(values.size)
+    sink = EdgeSink(values.size, None if rank is None else np.asarray(rank, np.int64))
     _search(values, np.arange(values.size), (1 << 64) - 1, max_distance, is_new, sink)
     return sink.edges()
 
@@ -193,7 +247,7 @@ def _search(
     num_free = free_mask.bit_count()
     if num_free <= k:
         # They differ only in <= k bits, so all are linked: a star is enough for the components.
-        sink.add(np.full(n - 1, ids[0]), ids[1:])
+        sink.star(ids)
         return
     num_blocks = _choose_blocks(n, num_free, k) if n > GROUP_LIMIT else None
     if num_blocks is None:

@@ -87,6 +87,7 @@ class CrawlConfig(BaseModel):
     opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")
     dedup: bool = True
     near_dup_max_distance: int = Field(4, ge=0, le=16)
+    dedup_wave_shards: int = Field(64, ge=1, description="crawl shards per dedup wave (decisions final per wave)")
     shard_size: int = Field(128, ge=1, description="input items per shard")
     batch_size: int = Field(32, ge=1)
     download_threads: int = Field(16, ge=1)
@@ -176,6 +177,7 @@ class CrawlStage(Stage):
             "s3",
             "dedup",
             "near_dup_max_distance",
+            "dedup_wave_shards",
         }
     )
 

@@ -1,4 +1,4 @@
-"""Dedup at scale: exact against brute force, dense hash groups, and incremental equal to from scratch."""
+"""Dedup at scale: exact against brute force (one wave), dense hash groups, and edges that serve every wave prefix."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ps3_engine.infra.storage import Storage
-from ps3_engine.pipeline.dedup import HASH_COLUMNS, run_dedup, solve
-from ps3_engine.pipeline.layout import RunLayout, ShardTask
+from ps3_engine.pipeline import near_dup
+from ps3_engine.pipeline.dedup import solve
 from ps3_engine.pipeline.near_dup import components, near_edges
-from ps3_engine.schemas import ERROR_SCHEMA
-from ps3_engine.schemas.image import IMAGE_SCHEMA
-
-HASH_SCHEMA = pa.schema([IMAGE_SCHEMA.field(name) for name in HASH_COLUMNS])
 
 
 def random_hashes(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -94,15 +89,15 @@ def brute_force_kept_rows(rows: dict[str, np.ndarray], k: int) -> np.ndarray:
     return np.array([best[label[d]] for d in digest_ids.tolist()])
 
 
-def solve_rows(rows: dict[str, np.ndarray], k: int, old_component: np.ndarray | None = None):
+def solve_rows(rows: dict[str, np.ndarray], k: int) -> np.ndarray:
     pixels = rows["width"].astype(np.int64) * rows["height"]
-    return solve(digest_ids_of(rows["sha256"]), rows["phash"], pixels, rows["num_bytes"], k, old_component)
+    return solve(digest_ids_of(rows["sha256"]), rows["phash"], pixels, rows["num_bytes"].astype(np.int64), k)
 
 
 @pytest.mark.slow
 def test_matches_brute_force_on_100k_hashes_with_planted_clusters():
     rows = synthetic_rows(100_000, seed=7)
-    kept_row, _ = solve_rows(rows, 4)
+    kept_row = solve_rows(rows, 4)
     expected = brute_force_kept_rows(rows, 4)
     assert np.array_equal(kept_row, expected)
     dropped = np.count_nonzero(kept_row != np.arange(kept_row.size))
@@ -115,7 +110,7 @@ def test_matches_brute_force_on_100k_hashes_with_planted_clusters():
 def test_matches_brute_force_on_small_dense_data(seed):
     rows = synthetic_rows(6_000, seed=seed)
     for k in (0, 3, 4, 6):
-        assert np.array_equal(solve_rows(rows, k)[0], brute_force_kept_rows(rows, k)), k
+        assert np.array_equal(solve_rows(rows, k), brute_force_kept_rows(rows, k)), k
 
 
 def brute_force_labels(values: np.ndarray, k: int) -> np.ndarray:
@@ -151,97 +146,22 @@ def test_edges_of_a_new_batch_against_an_index_complete_the_old_components():
     assert same_partition(labels, brute_force_labels(values, 4))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_solving_in_two_batches_equals_solving_at_once(seed):
-    rows = synthetic_rows(4000, seed=seed)
-    rng = np.random.default_rng(seed)
-    # Old rows: any subset (new shards may sort before old ones, so new rows interleave).
-    is_old = rng.random(rows["phash"].size) < 0.6
-    old_rows = {name: column[is_old] for name, column in rows.items()}
-    _, old_labels = solve_rows(old_rows, 4)
-    old_component = np.full(is_old.size, -1, np.int64)
-    old_component[is_old] = old_labels
-    kept_incremental, _ = solve_rows(rows, 4, old_component)
-    assert np.array_equal(kept_incremental, solve_rows(rows, 4)[0])
-
-
-# -- through a run layout ---------------------------------------------------------------------------
-
-
-def commit_crawl_shard(layout: RunLayout, shard_id: str, rows: dict[str, np.ndarray]) -> None:
-    """A committed crawl shard carrying only the hash columns (the dedup reads nothing else)."""
-    num = rows["phash"].size
-    table = pa.table(
-        {
-            "item_id": [f"item-{shard_id}-{i}" for i in range(num)],
-            "shard_id": [shard_id] * num,
-            "source_ref": [f"https://host.example/{shard_id}/{i}.jpg" for i in range(num)],
-            **{name: rows[name] for name in ("sha256", "phash", "width", "height", "num_bytes")},
-        },
-        schema=HASH_SCHEMA,
-    )
-    task = ShardTask(stage="crawl", shard_id=shard_id, input_key="", input_checksum="", input_shards=())
-    layout.commit_shard(
-        task, fingerprint="f", output=table, errors=ERROR_SCHEMA.empty_table(), attempt=1, wall_seconds=0.0
-    )
-
-
-def drop_rows(layout: RunLayout) -> list[dict]:
-    table = layout.storage.read_parquet(layout.DEDUP_KEY).drop_columns(["created_at"])
-    return sorted(table.to_pylist(), key=lambda r: (r["shard_id"], r["item_id"]))
-
-
-def test_incremental_batches_give_the_from_scratch_drop_table(tmp_path):
-    rows = synthetic_rows(3000, seed=11)
-    shards = {f"s-{i:03d}": {n: c[i * 250 : (i + 1) * 250] for n, c in rows.items()} for i in range(12)}
-    layout = RunLayout(Storage(str(tmp_path / "incremental")))
-    batches = [["s-000", "s-001", "s-002", "s-003"], ["s-004", "s-005", "a-000"], [f"s-{i:03d}" for i in range(6, 12)]]
-    outcomes = []
-    for batch in batches:
-        if "a-000" in batch:
-            # A new, larger near copy of a kept image takes its cluster over, from a shard that sorts first.
-            dropped = {r["item_id"] for r in drop_rows(layout)}
-            victim = next(i for i in range(250) if f"item-s-000-{i}" not in dropped)
-            takeover = {name: column[victim : victim + 1].copy() for name, column in shards["s-000"].items()}
-            takeover["sha256"][0] = "f" * 64
-            takeover["width"][0] = 4000
-            takeover["phash"][0] ^= np.uint64(1)
-            shards["a-000"] = takeover
-        for shard_id in batch:
-            commit_crawl_shard(layout, shard_id, shards[shard_id])
-        outcomes.append(run_dedup(layout, 4))
-        if "a-000" in batch:
-            assert f"item-s-000-{victim}" in {r["item_id"] for r in drop_rows(layout)}
-    assert [o.incremental for o in outcomes] == [False, True, True]
-    assert [o.rows_read for o in outcomes] == [1000, 501, 1500]
-
-    scratch = RunLayout(Storage(str(tmp_path / "scratch")))
-    for shard_id in sorted(shards):
-        commit_crawl_shard(scratch, shard_id, shards[shard_id])
-    once = run_dedup(scratch, 4)
-    assert not once.incremental
-    assert drop_rows(layout) == drop_rows(scratch)
-    assert (outcomes[-1].kept, outcomes[-1].dropped_exact, outcomes[-1].dropped_near) == (
-        once.kept,
-        once.dropped_exact,
-        once.dropped_near,
-    )
-    assert once.dropped_near > 100 and once.dropped_exact > 100
-    # One index, named by the manifest, remains.
-    indexes = [o.key for o in layout.storage.list("crawl/_dedup/") if "index-" in o.key]
-    assert indexes == [layout.storage.read_json(layout.DEDUP_MANIFEST_KEY)["index_key"]]
-
-
-def test_a_changed_shard_or_distance_recomputes_from_scratch(tmp_path):
-    rows = synthetic_rows(1000, seed=5)
-    layout = RunLayout(Storage(str(tmp_path / "run")))
-    commit_crawl_shard(layout, "s-0", {n: c[:500] for n, c in rows.items()})
-    commit_crawl_shard(layout, "s-1", {n: c[500:] for n, c in rows.items()})
-    first = run_dedup(layout, 4)
-    assert run_dedup(layout, 4).recomputed is False
-    stricter = run_dedup(layout, 2)
-    assert (stricter.recomputed, stricter.incremental, stricter.rows_read) == (True, False, 1000)
-    commit_crawl_shard(layout, "s-1", {n: c[500:900] for n, c in rows.items()})
-    changed = run_dedup(layout, 2)
-    assert (changed.incremental, changed.rows_read) == (False, 900)
-    assert first.fingerprint not in {stricter.fingerprint, changed.fingerprint}
+@pytest.mark.parametrize(("k", "edge_buffer"), [(2, None), (4, None), (4, 500)])
+def test_ranked_edges_keep_the_components_of_every_rank_prefix(k, edge_buffer, monkeypatch):
+    """One search serves every wave: the edges of weight <= r span the components of the hashes of rank <= r."""
+    if edge_buffer is not None:
+        # Folds (minimum spanning forests) must keep the prefixes too.
+        monkeypatch.setattr(near_dup, "EDGE_BUFFER", edge_buffer)
+    rng = np.random.default_rng(k)
+    blank = np.zeros(2000, np.uint64)
+    for _ in range(4):
+        blank |= np.uint64(1) << rng.integers(0, 64, blank.size).astype(np.uint64)
+    base = random_hashes(rng, 2000)
+    values = np.unique(np.concatenate([blank, base, flip_random_bits(rng, base, 5)]))
+    rank = rng.integers(0, 6, values.size)
+    edges = near_edges(values, k, rank=rank)
+    weight = np.maximum(rank[edges[0]], rank[edges[1]])
+    for r in range(6):
+        inside = np.flatnonzero(rank <= r)
+        labels = components(values.size, edges[:, weight <= r])[inside]
+        assert same_partition(labels, brute_force_labels(values[inside], k)), r
