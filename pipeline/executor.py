@@ -58,6 +58,11 @@ class ExecutorConfig(BaseModel):
     ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
     max_workers: int | None = Field(None, ge=1, description="cap on parallel shard workers per stage")
     progress: bool = True
+    pipelined: bool = Field(
+        True,
+        description="run: crawl shards flow on to segment, caption and corpus rows while the crawl goes on "
+        "(pipeline/pipelined.py); false runs each stage to the end before the next",
+    )
 
 
 def _task_from_row(row: dict[str, Any]) -> ShardTask:
@@ -171,7 +176,7 @@ class RayDataExecutor:
         self.num_workers = 0  # stage workers of the last run (for the busy fraction in the summary)
 
     @staticmethod
-    def _fit_resources(resources: Resources, stage: str) -> Resources:
+    def fit_resources(resources: Resources, stage: str) -> Resources:
         """Drop an optional GPU request on a GPU-less cluster; refuse a required one clearly."""
         import ray
 
@@ -181,17 +186,6 @@ class RayDataExecutor:
                 return replace(resources, num_gpus=0.0)
             raise ValueError(f"{stage} needs {resources.num_gpus} GPU per worker but the Ray cluster has none")
         return resources
-
-    def _num_workers(self, resources: Resources, num_tasks: int) -> int:
-        import ray
-
-        cluster = ray.cluster_resources()
-        if resources.num_gpus:
-            fit = int(cluster.get("GPU", 0) // resources.num_gpus)
-        else:
-            fit = int(cluster.get("CPU", 1) // max(resources.num_cpus, 0.001))
-        caps = [c for c in (resources.max_workers, self.config.max_workers) if c]
-        return max(1, min([fit, num_tasks, *caps]))
 
     def run(
         self, spec: StageSpec, storage: Storage, fingerprint: str, tasks: Sequence[ShardTask]
@@ -203,8 +197,8 @@ class RayDataExecutor:
 
         ensure_ray(self.config.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        resources = self._fit_resources(spec.build().resources, spec.stage_cls.name)
-        num_workers = self._num_workers(resources, len(tasks))
+        resources = self.fit_resources(spec.build().resources, spec.stage_cls.name)
+        num_workers = worker_count(resources, len(tasks), self.config.max_workers)
         self.num_workers = num_workers
         stage_name = spec.stage_cls.name
         progress = ItemProgress(stage_name, len(tasks), self.config.progress)
@@ -360,6 +354,19 @@ def _run_tasks_once(
         return worker(batch)
     finally:
         worker.close()
+
+
+def worker_count(resources: Resources, num_tasks: int, cap: int | None) -> int:
+    """Workers of one stage on the current Ray cluster: what fits, capped by tasks and configured caps."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if resources.num_gpus:
+        fit = int(cluster.get("GPU", 0) // resources.num_gpus)
+    else:
+        fit = int(cluster.get("CPU", 1) // max(resources.num_cpus, 0.001))
+    caps = [c for c in (resources.max_workers, cap) if c]
+    return max(1, min([fit, num_tasks, *caps]))
 
 
 def make_executor(config: ExecutorConfig) -> InProcessExecutor | RayDataExecutor:

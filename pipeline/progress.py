@@ -70,7 +70,7 @@ class ItemCounts:
 class ItemProgress:
     """The driver's bar for one stage run: items done / estimated total, rate, ETA, outputs and errors."""
 
-    def __init__(self, stage: str, num_shards: int, enabled: bool) -> None:
+    def __init__(self, stage: str, num_shards: int, enabled: bool, position: int | None = None) -> None:
         self.stage = stage
         self.num_shards = num_shards
         self.counts = ItemCounts()
@@ -84,6 +84,8 @@ class ItemProgress:
             leave=True,
             dynamic_ncols=True,
             bar_format=FORMAT_UNKNOWN_TOTAL,
+            # A pipelined run shows one bar per stage at once, each on its own line.
+            position=position,
         )
 
     def on_batch(self, phase: str, input_rows: int, output_rows: int, error_rows: int) -> None:

@@ -20,6 +20,7 @@ from ps3_engine.pipeline.executor import make_executor
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.shard_runner import ShardReport, StageSpec
 from ps3_engine.pipeline.sources import plan_crawl
+from ps3_engine.schemas import ManifestEntry
 from ps3_engine.stages.caption import CaptionStage
 from ps3_engine.stages.corpus import CorpusStage
 from ps3_engine.stages.crawl import CrawlStage
@@ -119,15 +120,40 @@ def pending_tasks(layout: RunLayout, tasks: list[ShardTask], fingerprint: str) -
     return [t for t in tasks if layout.shard_state(t, fingerprint, manifests.get(t.shard_id)) != "done"]
 
 
+def segment_task(shard_id: str, crawl: ManifestEntry, excluded: tuple[str, ...]) -> ShardTask:
+    """The segment task of one committed crawl shard, minus the rows the dedup dropped (sorted ids)."""
+    checksum = hashlib.sha256("\n".join([crawl.output_checksum, *excluded]).encode()).hexdigest()
+    return ShardTask("segment", shard_id, crawl.output_key, checksum, (shard_id,), exclude_item_ids=excluded)
+
+
+def caption_task(shard_id: str, segment: ManifestEntry, crawl: ManifestEntry) -> ShardTask:
+    """The caption task of one committed segment shard, joined with the crawl shard holding its images."""
+    checksum = hashlib.sha256(f"{segment.output_checksum}\n{crawl.output_checksum}".encode()).hexdigest()
+    return ShardTask(
+        "caption", shard_id, segment.output_key, checksum, (shard_id,), side_input_keys=(crawl.output_key,)
+    )
+
+
+def corpus_task(shard_id: str, caption: ManifestEntry, segment: ManifestEntry, crawl: ManifestEntry) -> ShardTask:
+    """The per-shard corpus task of one committed caption shard, joined with its segment and crawl shards."""
+    parts = [caption.output_checksum, segment.output_checksum, crawl.output_checksum]
+    return ShardTask(
+        "corpus",
+        shard_id,
+        caption.output_key,
+        hashlib.sha256("\n".join(parts).encode()).hexdigest(),
+        (shard_id,),
+        side_input_keys=(segment.output_key, crawl.output_key),
+    )
+
+
 def plan_segment(layout: RunLayout) -> list[ShardTask]:
     """One segment shard per committed crawl shard, minus the rows the dedup dropped (or repeated images)."""
     dropped_by_shard = layout.excluded_items()
-    tasks = []
-    for shard_id, entry in sorted(layout.manifests("crawl").items()):
-        excluded = tuple(sorted(dropped_by_shard.get(shard_id, [])))
-        checksum = hashlib.sha256("\n".join([entry.output_checksum, *excluded]).encode()).hexdigest()
-        tasks.append(ShardTask("segment", shard_id, entry.output_key, checksum, (shard_id,), exclude_item_ids=excluded))
-    return tasks
+    return [
+        segment_task(shard_id, entry, tuple(sorted(dropped_by_shard.get(shard_id, []))))
+        for shard_id, entry in sorted(layout.manifests("crawl").items())
+    ]
 
 
 def plan_caption(layout: RunLayout) -> list[ShardTask]:
@@ -139,17 +165,7 @@ def plan_caption(layout: RunLayout) -> list[ShardTask]:
         if images is None:
             logger.warning("segment shard %s has no crawl shard; skipping it", shard_id)
             continue
-        checksum = hashlib.sha256(f"{entry.output_checksum}\n{images.output_checksum}".encode()).hexdigest()
-        tasks.append(
-            ShardTask(
-                "caption",
-                shard_id,
-                entry.output_key,
-                checksum,
-                (shard_id,),
-                side_input_keys=(images.output_key,),
-            )
-        )
+        tasks.append(caption_task(shard_id, entry, images))
     return tasks
 
 
@@ -161,17 +177,7 @@ def plan_corpus_rows(layout: RunLayout) -> list[ShardTask]:
         if shard_id not in segment or shard_id not in crawl:
             logger.warning("caption shard %s has no segment or crawl shard; skipping it", shard_id)
             continue
-        parts = [entry.output_checksum, segment[shard_id].output_checksum, crawl[shard_id].output_checksum]
-        tasks.append(
-            ShardTask(
-                "corpus",
-                shard_id,
-                entry.output_key,
-                hashlib.sha256("\n".join(parts).encode()).hexdigest(),
-                (shard_id,),
-                side_input_keys=(segment[shard_id].output_key, crawl[shard_id].output_key),
-            )
-        )
+        tasks.append(corpus_task(shard_id, entry, segment[shard_id], crawl[shard_id]))
     return tasks
 
 
@@ -245,6 +251,30 @@ def _execute(
 _last_workers: dict[str, int] = {}
 
 
+@dataclass
+class ChainResult:
+    """What a pipelined chain did (pipeline/pipelined.py), for the stage-by-stage pass that completes it."""
+
+    started: float
+    reports: dict[str, list[ShardReport]]  # shard stage -> reports of shards computed or failed
+    seen: dict[str, set[str]]  # shard stage -> every shard the chain reported (skipped ones too)
+
+
+def _execute_after(
+    config: RunConfig,
+    layout: RunLayout,
+    stage: str,
+    tasks: list[ShardTask],
+    force: bool,
+    chain: ChainResult | None,
+) -> list[ShardReport]:
+    """``_execute`` over the tasks a pipelined chain did not reach; the chain's reports come first."""
+    if chain is None:
+        return _execute(config, layout, stage, tasks, force=force)
+    rest = [t for t in tasks if t.shard_id not in chain.seen.get(stage, set())]
+    return chain.reports.get(stage, []) + (_execute(config, layout, stage, rest, force=force) if rest else [])
+
+
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:
     """Crawl every planned shard that is not complete and fresh (or retry transient failures)."""
     started = time.perf_counter()
@@ -259,8 +289,15 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = Fa
         write_snapshot(layout, config)
         tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
     reports = _execute(config, layout, "crawl", tasks, force=force and not retry_failed)
+    return _finish_crawl(config, layout, tasks, reports, started)
+
+
+def _finish_crawl(
+    config: RunConfig, layout: RunLayout, tasks: list[ShardTask], reports: list[ShardReport], started: float
+) -> StageRunResult:
+    """The run's dedup over the committed crawl shards, then the crawl's summary."""
     if config.crawl.dedup:
-        dedup = run_dedup(layout, config.crawl.near_dup_max_distance)
+        dedup = run_dedup(layout, config.crawl.near_dup_max_distance, config.crawl.dedup_wave_shards)
     else:
         dedup = None
         # Drops of an earlier deduplicated run must not keep counting (or hiding images from segment).
@@ -287,33 +324,37 @@ def _run_downstream_stage(
     planner: Callable[[RunLayout], list[ShardTask]],
     needs: str,
     force: bool,
+    chain: ChainResult | None = None,
 ) -> StageRunResult:
-    """Plan ``stage`` from its committed upstream shards, compute what is missing or stale, summarise."""
-    started = time.perf_counter()
+    """Plan ``stage`` from its committed upstream shards, compute what is missing or stale, summarise.
+
+    After a pipelined chain (``chain``), only the shards the chain did not reach are computed here.
+    """
+    started = chain.started if chain else time.perf_counter()
     layout = open_run(config)
     write_snapshot(layout, config)
     tasks = planner(layout)
     if not tasks:
         raise ValueError(f"{config.run_root} has no {needs} shards for {stage}: run 'ps3-engine {needs}' first")
-    reports = _execute(config, layout, stage, tasks, force=force)
+    reports = _execute_after(config, layout, stage, tasks, force, chain)
     result = summarise(layout, stage, reports, len(tasks), time.perf_counter() - started, _last_workers.get(stage, 1))
     write_summary(layout, [result], reports)
     return result
 
 
-def run_segment(config: RunConfig, *, force: bool = False) -> StageRunResult:
+def run_segment(config: RunConfig, *, force: bool = False, chain: ChainResult | None = None) -> StageRunResult:
     """Propose regions for every crawl shard whose segment shard is missing or stale."""
-    return _run_downstream_stage(config, "segment", plan_segment, "crawl", force)
+    return _run_downstream_stage(config, "segment", plan_segment, "crawl", force, chain)
 
 
-def run_caption(config: RunConfig, *, force: bool = False) -> StageRunResult:
+def run_caption(config: RunConfig, *, force: bool = False, chain: ChainResult | None = None) -> StageRunResult:
     """Caption the regions (and images) of every segment shard whose caption shard is missing or stale."""
-    return _run_downstream_stage(config, "caption", plan_caption, "segment", force)
+    return _run_downstream_stage(config, "caption", plan_caption, "segment", force, chain)
 
 
-def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResult:
+def run_build_corpus(config: RunConfig, *, force: bool = False, chain: ChainResult | None = None) -> StageRunResult:
     """Per-shard corpus rows (incremental; images and rendered PDF pages), then the packed dataset."""
-    started = time.perf_counter()
+    started = chain.started if chain else time.perf_counter()
     layout = open_run(config)
     write_snapshot(layout, config)
     tasks, document_tasks = plan_corpus_rows(layout), plan_document_corpus(layout)
@@ -322,7 +363,7 @@ def run_build_corpus(config: RunConfig, *, force: bool = False) -> StageRunResul
             f"{config.run_root} has no caption or render shards for the corpus: run 'ps3-engine caption' first "
             "(or 'ps3-engine render' for PDFs)"
         )
-    reports = _execute(config, layout, "corpus", tasks, force=force) if tasks else []
+    reports = _execute_after(config, layout, "corpus", tasks, force, chain) if tasks else []
     if document_tasks:  # rendered pages join the same corpus with source_type "document"
         reports += _execute(config, layout, "document-corpus", document_tasks, force=force)
     dataset = build_corpus(
@@ -382,10 +423,47 @@ STAGE_RUNNERS = {
 }
 
 
+def run_pipelined(config: RunConfig, force: frozenset[str] = frozenset()) -> list[StageRunResult]:
+    """Every image stage at once: crawl shards flow on to segment, caption and corpus rows (pipelined.py).
+
+    Then a stage-by-stage pass completes what the chain did not reach (shards of earlier plans, shards
+    lost with a worker), writes the dedup table and the summaries, and packs the dataset.
+    """
+    from ps3_engine.pipeline.pipelined import run_chain
+
+    started = time.perf_counter()
+    forced = with_dependents(set(force))
+    if not config.sources:
+        raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
+    layout = open_run(config)
+    write_snapshot(layout, config)
+    tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
+    outcome = run_chain(config, layout, tasks, {STAGE_SHARDS[s] for s in forced})
+    _last_workers.update(outcome["workers"])
+    chain = ChainResult(started, outcome["reports"], outcome["seen"])
+    crawl_reports = _execute_after(config, layout, "crawl", tasks, "crawl" in forced, chain)
+    results = [_finish_crawl(config, layout, tasks, crawl_reports, started)]
+    results.append(run_segment(config, force="segment" in forced, chain=chain))
+    results.append(run_caption(config, force="caption" in forced, chain=chain))
+    if config.document_sources:
+        results.append(run_render(config, force="render" in force))
+    results.append(run_build_corpus(config, force="build-corpus" in forced, chain=chain))
+    for result in results:
+        if result.failed_shards:
+            logger.error("%s: %d shards failed", result.stage, len(result.failed_shards))
+    return results
+
+
 def run_pipeline(
     config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER, force: frozenset[str] = frozenset()
 ) -> list[StageRunResult]:
-    """Run the requested stages in order; ``force`` stages (and their dependents) recompute every shard."""
+    """Run the requested stages in order; ``force`` stages (and their dependents) recompute every shard.
+
+    With ``executor.pipelined`` and every image stage requested, the stages stream into each other
+    (:func:`run_pipelined`); otherwise each stage finishes before the next starts.
+    """
+    if config.executor.pipelined and config.sources and set(STAGE_ORDER) <= set(stages):
+        return run_pipelined(config, force)
     forced = with_dependents(set(force))
     missing = [s for s in stages if s not in IMPLEMENTED_STAGES]
     if missing:

@@ -1,0 +1,162 @@
+"""Pipelined run (pipeline/pipelined.py): the stages stream into each other, and the corpus is the same.
+
+Two URL lists (two sources, so two shard-id prefixes) of generated scenes, 2 images per crawl shard and
+1 shard per dedup wave: byte copies (also across the lists) and a resized copy planted in later waves,
+and a LARGER copy of an early image in a later wave (it must not take over: earlier waves are final).
+A pipelined run and a stage-by-stage run over the same inputs must give the same dedup drops and the
+same corpus, row for row.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ps3_engine.pipeline.config import load_run_config
+from ps3_engine.pipeline.demo import serve_directory
+from ps3_engine.pipeline.pipelined import DedupGate, wave_ordered
+from ps3_engine.pipeline.runner import run_pipeline
+from ps3_engine.pipeline.samples import write_scenes
+
+SHARD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """``(url lists, base url)`` of a loopback site with planted cross-wave duplicates."""
+    root = tmp_path_factory.mktemp("pipelined-site")
+    scenes = write_scenes(root / "img", 8, size=(1200, 900))
+    first = Image.open(scenes[0])
+    # A byte copy and a smaller resized copy of scene 0 (near duplicate), and a larger copy of scene 1.
+    shutil.copy(scenes[0], root / "img" / "copy-of-0.jpg")
+    first.resize((1080, 810)).save(root / "img" / "smaller-0.jpg", quality=92)
+    Image.open(scenes[1]).resize((1600, 1200)).save(root / "img" / "larger-1.jpg", quality=92)
+    with serve_directory(root) as base_url:
+        lists = []
+        # List a: scenes 0-5, then (later waves) the larger copy of scene 1 and both copies of scene 0.
+        later = ["img/larger-1.jpg", "img/copy-of-0.jpg", "img/smaller-0.jpg"]
+        a = [f"img/{p.name}" for p in scenes[:6]] + later
+        # List b (another source, so its own waves): a byte copy of scene 2 among new scenes.
+        shutil.copy(scenes[2], root / "img" / "copy-of-2.jpg")
+        b = [f"img/{scenes[6].name}", "img/copy-of-2.jpg", f"img/{scenes[7].name}"]
+        for name, paths in (("a.txt", a), ("b.txt", b)):
+            (root / name).write_text("".join(f"{base_url}/{p}\n" for p in paths))
+            lists.append(str(root / name))
+        yield lists, base_url
+
+
+def _config(run_root: Path, lists: list[str], captioner: Path, *extra: str):
+    return load_run_config(
+        None,
+        [
+            "executor.progress=false",
+            "crawl.min_short_side=800",
+            "crawl.min_long_side=800",
+            "crawl.http.allow_private_addresses=true",
+            f"crawl.shard_size={SHARD_SIZE}",
+            "crawl.dedup_wave_shards=1",
+            "segment.backend=classical",
+            "segment.mask_max_side=512",
+            "caption.backend=transformers",
+            f"caption.model={captioner}",
+            "caption.transformers.device=cpu",
+            "caption.max_pixels=12544",
+            "caption.sampling.max_new_tokens=24",
+            "corpus.validation_fraction=0",
+            *extra,
+        ],
+        run_root=str(run_root),
+        sources=lists,
+    )
+
+
+def _corpus(run_root: Path) -> list[dict]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((run_root / "dataset" / "images").rglob("*.parquet")))
+    return sorted(table.to_pylist(), key=lambda row: row["image_id"])
+
+
+def _drops(run_root: Path) -> list[tuple]:
+    table = pq.read_table(run_root / "crawl" / "_dedup" / "dropped.parquet")
+    return sorted(zip(*(table[c].to_pylist() for c in ("item_id", "reason", "message")), strict=True))
+
+
+@pytest.fixture(scope="module")
+def stage_by_stage(site, tiny_captioner, tmp_path_factory):
+    lists, _ = site
+    root = tmp_path_factory.mktemp("by-stage") / "run"
+    results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "executor.pipelined=false"))
+    assert all(not r.failed_shards for r in results)
+    return root
+
+
+def test_pipelined_in_process_equals_stage_by_stage(site, tiny_captioner, stage_by_stage, tmp_path):
+    lists, _ = site
+    root = tmp_path / "run"
+    results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"))
+    assert [r.stage for r in results] == ["crawl", "segment", "caption", "build-corpus"]
+    assert all(not r.failed_shards for r in results)
+    assert _drops(root) == _drops(stage_by_stage)
+    assert _corpus(root) == _corpus(stage_by_stage)
+    # Earlier waves are final: the larger copy of scene 1 (a later wave) is dropped, scene 1 stays.
+    urls = {row["url"].rsplit("/", 1)[-1] for row in _corpus(root)}
+    assert "larger-1.jpg" not in urls and "scene-00001.jpg" in urls
+    assert "copy-of-0.jpg" not in urls and "smaller-0.jpg" not in urls
+    crawl = results[0]
+    assert crawl.dedup and crawl.dedup["dropped_exact"] == 2 and crawl.dedup["dropped_near"] == 2
+
+    # A rerun computes nothing and keeps the corpus.
+    again = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"))
+    assert [r.computed_shards for r in again] == [0, 0, 0, 0]
+    assert _corpus(root) == _corpus(stage_by_stage)
+
+
+@pytest.mark.slow
+def test_pipelined_on_ray_streams_and_equals_stage_by_stage(site, tiny_captioner, stage_by_stage, tmp_path, ray_local):
+    lists, _ = site
+    root = tmp_path / "run"
+    # One crawl worker: the crawl takes several rounds, so streaming shows as overlap.
+    results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=ray", "crawl.max_workers=1"))
+    assert all(not r.failed_shards for r in results)
+    assert _drops(root) == _drops(stage_by_stage)
+    assert _corpus(root) == _corpus(stage_by_stage)
+
+    # Streaming, not barriers: segment shards were committed before the last crawl shard was.
+    def committed(stage: str) -> list[str]:
+        return sorted(json.loads(p.read_text())["created_at"] for p in (root / stage / "_manifest").glob("*.json"))
+
+    assert committed("segment")[0] < committed("crawl")[-1]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["stages"]["crawl"]["computed_shards"] == len(committed("crawl"))
+
+
+def test_the_gate_releases_whole_waves_in_key_order(tmp_path):
+    from ps3_engine.infra.storage import Storage
+
+    planned = ["bbbbbbbb-00000", "aaaaaaaa-00001", "aaaaaaaa-00000", "bbbbbbbb-00001"]
+    gate = DedupGate(Storage(str(tmp_path)), planned, [], True, 4, wave_shards=1)
+    # Nothing committed: shards leave without a segment task, but only when every earlier wave has.
+    assert gate.feed("aaaaaaaa-00001", "[]") == []
+    assert gate.feed("bbbbbbbb-00000", "[]") == []
+    released = gate.feed("aaaaaaaa-00000", "[]")
+    assert [shard for shard, _, _ in released] == ["aaaaaaaa-00000", "aaaaaaaa-00001", "bbbbbbbb-00000"]
+    assert all(task is None for _, task, _ in released)
+    assert [s for s, _, _ in gate.feed("bbbbbbbb-00001", "[]")] == ["bbbbbbbb-00001"]
+
+
+def test_crawl_tasks_are_ordered_by_wave():
+    from ps3_engine.pipeline.layout import ShardTask
+
+    ids = ["bbbbbbbb-00000", "aaaaaaaa-00002", "aaaaaaaa-00000", "aaaaaaaa-00001"]
+    tasks = [ShardTask("crawl", s, f"k/{s}", "c", ()) for s in ids]
+    assert [t.shard_id for t in wave_ordered(tasks, 2)] == [
+        "aaaaaaaa-00000",
+        "aaaaaaaa-00001",
+        "aaaaaaaa-00002",
+        "bbbbbbbb-00000",
+    ]
