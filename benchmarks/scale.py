@@ -2,11 +2,13 @@
 
 Run:  .venv/bin/python benchmarks/scale.py dedup --sizes 1000000 3000000 10000000 --write-docs
 
-For each size N the script writes N synthetic crawl rows as committed crawl shards (``--shard-rows`` rows
-each, the hash columns only: item_id, shard_id, source_ref, sha256, phash, width, height, num_bytes; no
-image bytes), then runs ``pipeline.dedup.run_dedup`` in a fresh child process and reports its wall time
-and peak RSS (the child's ``ru_maxrss``): once from scratch, then once more after 1% more rows arrive in
-new shards (the incremental path: only the new shards are read, only pairs with a new pHash searched).
+For each size N the script writes N synthetic crawl rows as committed crawl shards of one source
+(``--shard-rows`` rows each, ids ``<8 hex>-<index 05d>`` as planning makes them, so the dedup forms its
+waves of ``--wave-shards`` shards; the hash columns only: item_id, shard_id, source_ref, sha256, phash,
+width, height, num_bytes; no image bytes), then runs ``pipeline.dedup.run_dedup`` in a fresh child
+process and reports its wall time and peak RSS (the child's ``ru_maxrss``): once from scratch, then
+once more after 1% more rows arrive in new shards (the last wave grows and a new one may start: the
+waves before it are read back from their files, the changed and new ones computed).
 
 Rows: 80% distinct random pHashes, 8% near variants of them (1-6 random bit flips, so some are beyond the
 distance), 2% blank images (distinct bytes; pHash 0, or 1-2 bits set for a quarter of them: a dense group
@@ -93,11 +95,14 @@ def shard_table(shard_id: str, rows: dict[str, np.ndarray]) -> pa.Table:
     )
 
 
+SOURCE_PREFIX = "5f3a9c21"
+
+
 def write_shards(layout: RunLayout, rows: dict[str, np.ndarray], start: int, stop: int, shard_rows: int) -> int:
-    """Commit rows [start, stop) as crawl shards named by their first row (so later rows sort later)."""
+    """Commit rows [start, stop) as crawl shards of one source, numbered in row order."""
     count = 0
     for first in range(start, stop, shard_rows):
-        shard_id = f"{first:012d}"
+        shard_id = f"{SOURCE_PREFIX}-{first // shard_rows:05d}"
         part = {name: column[first : min(first + shard_rows, stop)] for name, column in rows.items()}
         task = ShardTask(stage="crawl", shard_id=shard_id, input_key="", input_checksum="", input_shards=())
         layout.commit_shard(
@@ -112,17 +117,18 @@ def write_shards(layout: RunLayout, rows: dict[str, np.ndarray], start: int, sto
     return count
 
 
-def child(root: str, max_distance: int) -> None:
+def child(root: str, max_distance: int, wave_shards: int) -> None:
     """Run the dedup once in this (fresh) process and print its figures as JSON."""
     started = time.perf_counter()
-    outcome = run_dedup(RunLayout(Storage(root)), max_distance)
+    outcome = run_dedup(RunLayout(Storage(root)), max_distance, wave_shards)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": seconds, "peak_rss": peak, **outcome.__dict__}))
 
 
-def run_child(root: Path, max_distance: int) -> dict:
+def run_child(root: Path, max_distance: int, wave_shards: int) -> dict:
     command = [sys.executable, __file__, "child", "--root", str(root), "--max-distance", str(max_distance)]
+    command += ["--wave-shards", str(wave_shards)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -135,10 +141,12 @@ def measure(size: int, args: argparse.Namespace, work: Path) -> dict:
     started = time.perf_counter()
     shards = write_shards(layout, rows, 0, size, args.shard_rows)
     logger.info("size %d: %d shards written in %.0f s", size, shards, time.perf_counter() - started)
-    scratch = run_child(root, args.max_distance)
+    if size % args.shard_rows:
+        raise ValueError(f"--sizes must be multiples of --shard-rows ({args.shard_rows}); {size} is not")
+    scratch = run_child(root, args.max_distance, args.wave_shards)
     write_shards(layout, rows, size, size + extra, args.shard_rows)
-    incremental = run_child(root, args.max_distance)
-    assert incremental["incremental"] and incremental["rows_read"] == extra, incremental
+    incremental = run_child(root, args.max_distance, args.wave_shards)
+    assert incremental["incremental"] and incremental["waves_reused"] > 0, incremental
     shutil.rmtree(root)
     result = {"size": size, "shards": shards, "extra": extra, "scratch": scratch, "incremental": incremental}
     logger.info("size %d: %s", size, json.dumps(result))
@@ -147,20 +155,22 @@ def measure(size: int, args: argparse.Namespace, work: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| rows | shards | from scratch (s) | peak RSS (GB) | time growth | rows kept | exact drops | near drops "
-        "| +1% rows, incremental (s) | its peak RSS (GB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rows | shards | waves | from scratch (s) | peak RSS (GB) | time growth | RSS growth | rows kept "
+        "| exact drops | near drops | +1% rows (s) | its peak RSS (GB) | its waves computed / reused, rows read |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(results):
         s, inc = r["scratch"], r["incremental"]
         prev = results[i - 1] if i else None
-        growth = "-"
+        growth = rss_growth = "-"
         if prev:
             growth = f"x{s['seconds'] / prev['scratch']['seconds']:.2f} for x{r['size'] / prev['size']:.1f} rows"
+            rss_growth = f"x{s['peak_rss'] / prev['scratch']['peak_rss']:.2f}"
         lines.append(
-            f"| {r['size']:,} | {r['shards']:,} | {s['seconds']:.1f} | {s['peak_rss'] / 1e9:.2f} | {growth} "
+            f"| {r['size']:,} | {r['shards']:,} | {s['waves_computed']:,} | {s['seconds']:.1f} "
+            f"| {s['peak_rss'] / 1e9:.2f} | {growth} | {rss_growth} "
             f"| {s['kept']:,} | {s['dropped_exact']:,} | {s['dropped_near']:,} | {inc['seconds']:.1f} "
-            f"| {inc['peak_rss'] / 1e9:.2f} |"
+            f"| {inc['peak_rss'] / 1e9:.2f} | {inc['waves_computed']} / {inc['waves_reused']}, {inc['rows_read']:,} |"
         )
     return "\n".join(lines)
 
@@ -172,14 +182,16 @@ def main() -> None:
     bench.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
     bench.add_argument("--shard-rows", type=int, default=10_000)
     bench.add_argument("--max-distance", type=int, default=4)
+    bench.add_argument("--wave-shards", type=int, default=64, help="crawl.dedup_wave_shards")
     bench.add_argument("--work-dir", default=None, help="where the synthetic runs go (default: a temp dir)")
     bench.add_argument("--write-docs", action="store_true")
     one = sub.add_parser("child", help=argparse.SUPPRESS)
     one.add_argument("--root", required=True)
     one.add_argument("--max-distance", type=int, required=True)
+    one.add_argument("--wave-shards", type=int, required=True)
     args = parser.parse_args()
     if args.command == "child":
-        child(args.root, args.max_distance)
+        child(args.root, args.max_distance, args.wave_shards)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:

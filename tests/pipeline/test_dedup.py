@@ -340,3 +340,20 @@ def test_disabling_dedup_on_a_rerun_accounts_for_every_item_once(image_folder, t
     undeduped = crawl(image_folder, run_root, "crawl.dedup=false")
     assert undeduped.dedup is None
     assert undeduped.kept_rows + undeduped.error_rows == 4
+
+
+def test_changing_the_wave_size_recomputes_only_the_dedup(image_folder, tmp_path):
+    run_root = tmp_path / "run"
+    first = crawl(image_folder, run_root)
+    assert first.dedup is not None and first.dedup["waves_computed"] == 1
+    shards_before = crawl_shard_files(run_root)
+    per_shard = crawl(image_folder, run_root, "crawl.dedup_wave_shards=1")
+    # The wave size is not part of the crawl stage's fingerprint: no crawl shard is redone.
+    assert crawl_shard_files(run_root) == shards_before
+    assert per_shard.computed_shards == 0
+    assert per_shard.dedup is not None
+    assert (per_shard.dedup["recomputed"], per_shard.dedup["waves_computed"]) == (True, 2)
+    assert per_shard.dedup["fingerprint"] != first.dedup["fingerprint"]
+    # The original (first shard) is its cluster's largest image, so one wave per shard drops the same rows.
+    assert per_shard.filtered_by_reason == first.filtered_by_reason
+    assert len(list((run_root / "crawl" / "_dedup" / "waves").iterdir())) == 2
