@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
@@ -212,8 +213,16 @@ class DedupGate:
         while self.next_wave < len(self.order) and not self.waiting[self.order[self.next_wave]]:
             key = self.order[self.next_wave]
             members = sorted(self.members[key])
+            began = time.perf_counter()
             entries = {s: self.layout.read_manifest("crawl", s) for s in members}
             excluded = self.dedup.decide([s for s in members if entries[s] is not None])
+            logger.info(
+                "dedup wave %s-%d: %d shards decided in %.2f s, %d rows dropped",
+                *key,
+                len(members),
+                time.perf_counter() - began,
+                sum(len(ids) for ids in excluded.values()),
+            )
             for shard in members:
                 if shard in self.arrived:
                     entry = entries[shard]
@@ -354,6 +363,8 @@ class PipelinedRun:
 
         ensure_ray(self.config.executor.ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # Ray Data checks a task pool's cap against the inputs present at start; here they arrive later.
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches")
         callbacks = {}
         for position, stage in enumerate(CHAIN):
             progress = stack.enter_context(closing(self._bar(stage, position)))
@@ -390,6 +401,10 @@ class PipelinedRun:
         resources = {s: RayDataExecutor.fit_resources(specs[s].build().resources, s) for s in CHAIN}
         share = _cpu_share(resources)
         dataset = ray.data.from_items(_crawl_rows(tasks), override_num_blocks=len(tasks))
+        # One row (one shard) per block in every operator: the gate releases a whole wave in one call, and
+        # Ray Data would otherwise hand that one block to one downstream task, which runs its shards one
+        # after another. The setting lives in this dataset's own copy of the context.
+        dataset.context.target_max_block_size = 1
         for stage in CHAIN:
             wanted = resources[stage]
             workers = worker_count(wanted, len(tasks), config.executor.max_workers)

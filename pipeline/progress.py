@@ -11,6 +11,7 @@ is loaded: the items of the loaded shards plus their mean for each shard not sta
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ class ItemProgress:
         self.counts = ItemCounts()
         self._lock = threading.Lock()
         unit, self._output_unit = UNITS.get(stage, ("items", "rows"))
+        interactive = sys.stderr.isatty()
         self.bar = tqdm(
             total=None,
             desc=stage,
@@ -84,8 +86,10 @@ class ItemProgress:
             leave=True,
             dynamic_ncols=True,
             bar_format=FORMAT_UNKNOWN_TOTAL,
-            # A pipelined run shows one bar per stage at once, each on its own line.
-            position=position,
+            # A pipelined run shows one bar per stage at once, each on its own line of a terminal. A log file
+            # (CI, a cluster job) gets no cursor moves, and a redraw at most every few seconds.
+            position=position if interactive else None,
+            mininterval=0.1 if interactive else 5.0,
         )
 
     def on_batch(self, phase: str, input_rows: int, output_rows: int, error_rows: int) -> None:
