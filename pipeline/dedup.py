@@ -61,7 +61,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ps3_engine.pipeline.dedup_sweep import DedupState, digest_groups, shard_order_key, solve_waves, wave_key
+from ps3_engine.pipeline.dedup_sweep import (
+    DedupState,
+    digest_groups,
+    shard_order_key,
+    solve_waves,
+    sorted_unique,
+    wave_key,
+)
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.schemas import ERROR_SCHEMA
 
@@ -452,7 +459,7 @@ class _DropRows:
 
     def __init__(self, dropped: np.ndarray, representative: np.ndarray) -> None:
         self.dropped = dropped  # sorted positions
-        self.reps = np.unique(representative[dropped])
+        self.reps = sorted_unique(representative[dropped])
         self.rep_of_dropped = representative[dropped]
         self.parts: dict[str, list[pa.Array]] = {"shard_id": [], "item_id": [], "source_ref": [], "created_at": []}
         self.rep_parts: dict[str, list[pa.Array]] = {"item_id": [], "source_ref": []}

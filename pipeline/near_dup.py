@@ -274,7 +274,9 @@ def _table(
     key = _packed_key(values, key_mask)
     members = np.arange(values.size)
     if is_new is not None:
-        new_keys = np.unique(key[is_new])
+        # Sort-based unique: numpy 2.4's hash-based np.unique (no return flags) is far slower on uint64.
+        new_keys = np.sort(key[is_new])
+        new_keys = new_keys[np.r_[True, new_keys[1:] != new_keys[:-1]]]
         at = np.minimum(np.searchsorted(new_keys, key), new_keys.size - 1)
         members = np.flatnonzero(new_keys[at] == key)
     # Sort (key, position) packed in one uint64 when it fits: np.sort is much faster than argsort.
