@@ -174,8 +174,10 @@ def dedup_fingerprint(layout: RunLayout, max_distance: int, wave_shards: int = 6
 # -- the stage-by-stage path ------------------------------------------------------------------------
 
 
-def _committed(layout: RunLayout) -> dict[str, str]:
-    return {s: m.output_checksum for s, m in sorted(layout.manifests("crawl").items())}
+def _committed(layout: RunLayout) -> tuple[dict[str, str], dict[str, int]]:
+    """Output checksum and rows of every committed crawl shard."""
+    manifests = sorted(layout.manifests("crawl").items())
+    return {s: m.output_checksum for s, m in manifests}, {s: m.output_rows for s, m in manifests}
 
 
 def _ordered_waves(layout: RunLayout, shards: dict[str, str], max_distance: int, wave_shards: int) -> list[Wave]:
@@ -199,14 +201,14 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
         ValueError: a committed crawl shard id is not ``"<prefix>-<index>"``.
     """
     storage = layout.storage
-    shards = _committed(layout)
+    shards, shard_rows = _committed(layout)
     fingerprint = _fingerprint(shards, max_distance, wave_shards)
     previous = storage.read_json(layout.DEDUP_MANIFEST_KEY) if storage.exists(layout.DEDUP_MANIFEST_KEY) else None
     if previous and previous.get("fingerprint") == fingerprint and storage.exists(layout.DEDUP_KEY):
         counts = (previous["kept"], previous["dropped_exact"], previous["dropped_near"])
         return DedupOutcome(fingerprint, *counts, recomputed=False, waves_reused=previous.get("waves", 0))
     waves = _ordered_waves(layout, shards, max_distance, wave_shards)
-    compact, persisted, counts, rows_read = read_compact(layout, waves)
+    compact, persisted, counts, rows_read = read_compact(layout, waves, shard_rows)
     prev, first_row = ROOT, 0
     for wave, count in zip(waves, counts, strict=True):
         if not wave.reused:
@@ -320,10 +322,10 @@ class WaveDedup:
 
     def _load(self) -> DedupState:
         """Read the persisted waves whose chain matches the committed shards and rebuild their state."""
-        shards = _committed(self.layout)
+        shards, _ = _committed(self.layout)
         current = group_waves(shards, self.wave_shards)
         chain = persisted_chain(self.layout, current, self.max_distance, self.wave_shards)
-        compact, persisted, counts, _ = read_compact(self.layout, chain)
+        compact, persisted, counts, _ = read_compact(self.layout, chain, {})
         wave_of_row = np.repeat(np.arange(len(chain), dtype=np.int64), counts)
         state = DedupState.from_waves(
             compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, self.max_distance

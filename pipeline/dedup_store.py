@@ -109,6 +109,26 @@ class Compact:
         )
 
     @classmethod
+    def empty(cls, num_rows: int) -> Compact:
+        return cls(
+            np.empty((num_rows, 4), np.uint64),
+            np.empty(num_rows, np.uint64),
+            np.empty(num_rows, np.int64),
+            np.empty(num_rows, np.int64),
+        )
+
+    def fill(self, start: int, table: pa.Table) -> None:
+        """Write ``table``'s rows (crawl or wave columns) at ``start``."""
+        stop = start + table.num_rows
+        self.sha_words[start:stop] = sha_words(table["sha256"])
+        self.phash[start:stop] = table["phash"].to_numpy()
+        if "pixels" in table.column_names:
+            self.pixels[start:stop] = table["pixels"].to_numpy()
+        else:
+            self.pixels[start:stop] = table["width"].to_numpy().astype(np.int64) * table["height"].to_numpy()
+        self.num_bytes[start:stop] = table["num_bytes"].to_numpy()
+
+    @classmethod
     def concat(cls, parts: list[Compact]) -> Compact:
         if not parts:
             return cls(
@@ -232,33 +252,50 @@ def read_wave_file(layout: RunLayout, wave: Wave, columns: list[str]) -> pa.Tabl
         return pq.ParquetFile(handle).read(columns=columns)
 
 
-def read_compact(layout: RunLayout, waves: list[Wave]) -> tuple[Compact, np.ndarray, list[int], int]:
+def read_compact(
+    layout: RunLayout, waves: list[Wave], shard_rows: dict[str, int]
+) -> tuple[Compact, np.ndarray, list[int], int]:
     """Compact columns of all rows of ``waves`` (wave files for reused ones, crawl shards otherwise).
 
-    Returns ``(compact, persisted representative or -1 per row, rows per wave, rows read from shards)``.
-    """
+    Each read fills its slice of preallocated arrays (rows known from the crawl manifests and the
+    wave metadata), so the columns are never held twice. Returns ``(compact, persisted representative
+    or -1 per row, rows per wave, rows read from crawl shards)``.
 
-    def read(job: tuple[int, str | None]) -> tuple[Compact, np.ndarray]:
-        index, shard_id = job
+    Raises:
+        ValueError: a file holds another number of rows than its manifest or wave metadata says.
+    """
+    jobs: list[tuple[int, str | None, int, int]] = []
+    start = 0
+    for index, wave in enumerate(waves):
+        sources = [(None, int(wave.meta["rows"]))] if wave.reused else [(s, shard_rows[s]) for s in wave.shards]
+        for shard_id, count in sources:
+            jobs.append((index, shard_id, start, count))
+            start += count
+    out = Compact.empty(start)
+    persisted = np.full(start, -1, np.int64)
+
+    def read(job: tuple[int, str | None, int, int]) -> None:
+        index, shard_id, lo, count = job
         if shard_id is None:
             columns = ["sha256", "phash", "pixels", "num_bytes", "representative"]
-            table = read_wave_file(layout, waves[index], columns)
-            return Compact.of(table), table["representative"].to_numpy()
-        table = read_shard(layout, shard_id, COMPACT_COLUMNS)
-        return Compact.of(table), np.full(table.num_rows, -1, np.int64)
+            table, name = read_wave_file(layout, waves[index], columns), waves[index].file_key
+        else:
+            table, name = read_shard(layout, shard_id, COMPACT_COLUMNS), layout.output_key("crawl", shard_id)
+        if table.num_rows != count:
+            raise ValueError(f"{layout.storage.uri(name)} has {table.num_rows} rows, its record says {count}")
+        out.fill(lo, table)
+        if shard_id is None:
+            persisted[lo : lo + count] = table["representative"].to_numpy()
 
-    jobs = [
-        (i, None) if w.reused else (i, s) for i, w in enumerate(waves) for s in (w.shards if not w.reused else [None])
-    ]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        parts = list(pool.map(read, jobs))
+        list(pool.map(read, jobs))
+    # Arrow's allocator keeps freed decode buffers for reuse; the dedup will not read much more.
+    pa.default_memory_pool().release_unused()
     counts = [0] * len(waves)
-    rows_read = 0
-    for (index, shard_id), (compact, _) in zip(jobs, parts, strict=True):
-        counts[index] += compact.phash.size
-        rows_read += compact.phash.size if shard_id is not None else 0
-    persisted = np.concatenate([np.empty(0, np.int64), *(p[1] for p in parts)])
-    return Compact.concat([p[0] for p in parts]), persisted, counts, rows_read
+    for index, _, _, count in jobs:
+        counts[index] += count
+    rows_read = sum(count for _, shard_id, _, count in jobs if shard_id is not None)
+    return out, persisted, counts, rows_read
 
 
 def read_names(layout: RunLayout, wave: Wave) -> list[pa.Table]:

@@ -223,7 +223,11 @@ def near_edges(
     values = np.ascontiguousarray(values, dtype=np.uint64)
     sink = EdgeSink(values.size, None if rank is None else np.asarray(rank, np.int64))
     _search(values, np.arange(values.size), (1 << 64) - 1, max_distance, is_new, sink)
-    return sink.edges()
+    edges = sink.edges()
+    if sink.rank is not None and edges.shape[1]:
+        # Dense groups (near-blank images) leave many redundant pairs; the sweep needs a forest only.
+        edges = spanning_forest(edges, sink.rank)
+    return edges
 
 
 def components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
