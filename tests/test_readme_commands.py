@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The environment as the suite was started (taken at collection, before any session fixture ran): the
+# suite later exports its test S3 server's settings and others, which a newcomer's shell does not have.
+LAUNCH_ENV = dict(os.environ)
 
 
 def readme_setup_commands() -> list[str]:
@@ -52,7 +55,7 @@ def _dataset_root(output: str, clone: Path) -> Path:
 def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=300)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS")}
+    env = {k: v for k, v in LAUNCH_ENV.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "RAY_ADDRESS")}
     # RAY_ADDRESS=local: a new machine has no Ray running, but inside the suite a cluster started by an
     # earlier test (`ray start`) would otherwise be joined, with that cluster's environment and code.
     env.update(CI="true", PATH=_path_without_venvs(env.get("PATH", "")), RAY_ADDRESS="local")
@@ -70,13 +73,16 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
             check=False,
         )
         output = result.stdout + result.stderr
-        assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{output[-6000:]}"
+        assert result.returncode == 0, (
+            f"{command} failed ({result.returncode}):\n{output[-4000:]}\n{_summary(output)}\n"
+            f"{_error_messages(clone / 'demo-output' / 'run')}"
+        )
         dataset = _dataset_root(output, clone)
         manifest = dataset / "manifest.json"
         assert manifest.is_file(), f"no manifest at {manifest}"
         parquet = sorted(dataset.rglob("*.parquet"))
         rows = sum(pq.read_metadata(path).num_rows for path in parquet)
-        assert rows > 0, f"no rows under {dataset}:\n{output[-6000:]}"
+        assert rows > 0, f"no rows under {dataset}:\n{_summary(output)}\n{_error_messages(dataset.parent)}"
         noisy = [line for line in output.splitlines() if _is_ray_or_error_line(line)]
         assert not noisy, "the demo's console shows Ray log lines or error-level lines:\n" + "\n".join(noisy[:10])
         print(f"{command} in a fresh clone: {time.monotonic() - began:.0f} s, {rows} rows in {len(parquet)} files")
@@ -102,6 +108,20 @@ def test_console_line_filter_recognises_ray_lines_and_errors():
     assert _is_ray_or_error_line("2026-12-01 00:13:25,761 ERROR ps3_engine.pipeline.runner: shard failed")
     assert not _is_ray_or_error_line("2026-12-01 00:13:25,761 INFO ps3_engine.pipeline.runner: corpus: 4 shards")
     assert not _is_ray_or_error_line("[crawl] rows: 24 kept; 4 failed {'truncated': 1}, errors=0")
+
+
+def _summary(output: str) -> str:
+    """The run's own summary lines ("[crawl] rows: ..."), wherever the tail cut them off."""
+    return "\n".join(line for line in output.splitlines() if line.startswith("["))
+
+
+def _error_messages(run_root: Path, limit: int = 8) -> str:
+    """The first distinct (stage, reason, message) of the run's error rows: what a failed demo hit."""
+    seen: dict[tuple, None] = {}
+    for path in sorted(run_root.glob("*/errors/*.parquet")):
+        for row in pq.read_table(path, columns=["stage", "reason", "message"]).to_pylist():
+            seen.setdefault((row["stage"], row["reason"], row["message"][:300]))
+    return "\n".join(" | ".join(key) for key in list(seen)[:limit])
 
 
 def _path_without_venvs(path: str) -> str:
