@@ -5,6 +5,7 @@ run.json                          resolved config snapshot, versions, per-stage 
 <stage>/part-<shard>.parquet      output rows of one shard
 <stage>/errors/part-<shard>.parquet
 <stage>/_manifest/<shard>.json    completion record, written last
+<stage>/_index/                   the stage's compacted manifests (pipeline/shard_index.py)
 crawl/_input/<shard>.parquet      planned crawl items of one shard
 crawl/_dedup/dropped.parquet      cross-shard duplicates (error rows, category "filtered")
 crawl/_dedup/index-<fp>.parquet   the dedup's per-row hash index, named by crawl/_dedup/_manifest.json
@@ -14,20 +15,27 @@ A shard is complete when its manifest exists and the files it names exist with t
 (checked on every rerun; ``status --check`` also compares checksums); it is fresh when the
 manifest's input checksum and config fingerprint equal the current ones. A shard whose files differ
 from its manifest, or whose manifest is unreadable, is recomputed.
+
+Run state at scale (300k-600k shards per stage): :meth:`RunLayout.manifests` reads the stage's index
+plus the manifests not folded into it yet, after one listing (:mod:`ps3_engine.pipeline.shard_index`),
+and the size check of :meth:`RunLayout.damage` uses one listing of the stage's files instead of a
+request per file. The runner folds new manifests into the index when a stage execution ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import ValidationError
 
 from ps3_engine.infra.storage import Storage, StorageError, parquet_bytes
+from ps3_engine.pipeline import shard_index
+from ps3_engine.pipeline.shard_index import Compaction, StageState, count_errors
 from ps3_engine.schemas import ERROR_SCHEMA, ManifestEntry
 from ps3_engine.schemas.error import redact_error_table
 from ps3_engine.schemas.manifest import SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION
@@ -57,8 +65,17 @@ class ShardTask:
 
 
 class RunLayout:
-    def __init__(self, storage: Storage) -> None:
+    """Keys and run state of one run root.
+
+    ``read_only`` layouts (``status``, ``plan``) read each stage's state once and keep it; the others
+    read it again on every :meth:`manifests` call, as shards may be committed between two calls.
+    """
+
+    def __init__(self, storage: Storage, *, read_only: bool = False) -> None:
         self.storage = storage
+        self.read_only = read_only
+        # The latest state read per stage: its entries are the ones damage() can check against a listing.
+        self._states: dict[str, StageState] = {}
 
     # -- keys ----------------------------------------------------------------------------------
     RUN_CONFIG_KEY = "run.json"
@@ -87,45 +104,92 @@ class RunLayout:
     def read_manifest(self, stage: str, shard_id: str) -> ManifestEntry | None:
         """The shard's completion record; None when it is absent or damaged (then the shard is not done)."""
         key = self.manifest_key(stage, shard_id)
-        if not self.storage.exists(key):
+        try:
+            data = self.storage.read_bytes(key)
+        except FileNotFoundError:
             return None
-        return self._parse_manifest(key, self.storage.read_bytes(key))
+        parsed = shard_index.parse_manifest(self.storage, key, data)
+        return parsed[0] if parsed is not None else None
 
     def manifests(self, stage: str) -> dict[str, ManifestEntry]:
         """All readable completion records of ``stage`` by shard id (damaged ones are logged and left out)."""
-        prefix = f"{stage}/_manifest/"
-        entries = {}
-        for obj in self.storage.list(prefix):
-            entry = self._parse_manifest(obj.key, self.storage.read_bytes(obj.key))
-            if entry is not None:
-                entries[entry.shard_id] = entry
-        return entries
+        return dict(self.stage_state(stage).entries)
 
-    def _parse_manifest(self, key: str, data: bytes) -> ManifestEntry | None:
+    def stage_state(self, stage: str) -> StageState:
+        """The stage's committed shards as read now (or, for a read-only layout, when first asked)."""
+        if not (self.read_only and stage in self._states):
+            self._states[stage] = shard_index.read_stage(self.storage, stage, previous=self._states.get(stage))
+        return self._states[stage]
+
+    def compact(self, stage: str) -> Compaction | None:
+        """Fold the stage's manifests that its index lacks into it (:func:`shard_index.compact`).
+
+        Called by the runner when a stage execution ends (never by readers: ``status`` and ``plan``
+        write nothing). A failure is logged, not raised: the manifests stay the commit, the index is
+        only what makes reading them cheap, and the next compaction folds what this one did not.
+        """
+        if self.read_only:
+            raise RuntimeError("a read-only run layout does not compact")
+        self._states.pop(stage, None)
         try:
-            return ManifestEntry.model_validate_json(data)
-        except ValidationError as exc:
-            # A manifest is written last and atomically, so a broken one means damage after the fact (a
-            # truncated copy, a hand edit): its shard is recomputed rather than the whole run blocked.
-            problem = exc.errors()[0]["msg"]
-            logger.warning(
-                "%s is damaged (%d bytes: %s): its shard counts as not done", self.storage.uri(key), len(data), problem
-            )
+            return shard_index.compact(self.storage, stage)
+        except (StorageError, OSError) as exc:
+            logger.warning("%s: manifests not folded into the index (%s); the next stage run retries", stage, exc)
             return None
+
+    def error_counts(self, stage: str) -> Counter[tuple[str, str]]:
+        """Error rows of ``stage`` by ``(category, reason)``, crawl's dedup drops included.
+
+        Read from the index and the manifests (which record them); only shards committed before
+        that was recorded have their errors file read.
+        """
+        counts: Counter[tuple[str, str]] = Counter()
+        for shard_counts in shard_index.shard_error_counts(self.storage, self.stage_state(stage)).values():
+            for category, reasons in shard_counts.items():
+                counts.update({(category, reason): rows for reason, rows in reasons.items()})
+        if stage == "crawl" and self.storage.exists(self.DEDUP_KEY):
+            dropped = self.storage.read_parquet(self.DEDUP_KEY, columns=["category", "reason"])
+            for category, reasons in count_errors(dropped).items():
+                counts.update({(category, reason): rows for reason, rows in reasons.items()})
+        return counts
+
+    def stage_files(self, stage: str) -> dict[str, int]:
+        """Sizes of the stage's output and error files, listed once per state read (:meth:`stage_state`)."""
+        state = self._states.get(stage) or self.stage_state(stage)  # the latest read: its entries are checked
+        if state.files is None:
+            state.files = shard_index.list_stage_files(self.storage, stage)
+        return state.files
+
+    def prefetch(self, stages: list[str]) -> None:
+        """Read the state and file listing of several stages at once (their listings overlap in time)."""
+        shard_index.parallel_map(self.stage_files, stages, threads=len(stages) or 1)
+
+    def _listed_sizes(self, entry: ManifestEntry) -> dict[str, int] | None:
+        """Sizes of the stage's files from one listing, if ``entry`` is from the latest state read."""
+        state = self._states.get(entry.stage)
+        if state is None or state.entries.get(entry.shard_id) is not entry:
+            return None
+        return self.stage_files(entry.stage)
 
     def damage(self, entry: ManifestEntry) -> tuple[ShardState, str] | None:
         """``("missing" | "damaged", why)`` when a committed shard's files do not match its manifest, else None.
 
         The cheap check of every rerun and ``status``: each file exists with the size the manifest
-        recorded (one metadata request per file). Full checksums are ``status --check``'s job
-        (:mod:`ps3_engine.pipeline.verify`).
+        recorded. For an entry of the latest :meth:`manifests` read, the sizes come from one listing of
+        the stage's files (read once); otherwise one metadata request per file. Full checksums are
+        ``status --check``'s job (:mod:`ps3_engine.pipeline.verify`).
         """
+        listed = self._listed_sizes(entry)
         for key, recorded in ((entry.output_key, entry.output_bytes), (entry.errors_key, entry.errors_bytes)):
-            found = self.storage.info(key)
-            if found is None:
+            if listed is not None:
+                size = listed.get(key)
+            else:
+                found = self.storage.info(key)
+                size = found.size if found is not None else None
+            if size is None:
                 return "missing", f"{self.storage.uri(key)} is missing"
-            if recorded is not None and found.size != recorded:
-                return "damaged", f"{self.storage.uri(key)} is {found.size} bytes but its manifest recorded {recorded}"
+            if recorded is not None and size != recorded:
+                return "damaged", f"{self.storage.uri(key)} is {size} bytes but its manifest recorded {recorded}"
         return None
 
     def shard_state(self, task: ShardTask, fingerprint: str, entry: ManifestEntry | None) -> ShardState:
@@ -181,8 +245,11 @@ class RunLayout:
             created_at=datetime.now(UTC),
             wall_seconds=wall_seconds,
         )
+        # The error counts ride beside the entry's fields (ManifestEntry ignores them on reading): status
+        # and summaries count errors by reason from the index instead of reading every errors file.
+        record = {**entry.model_dump(mode="json"), "error_counts": count_errors(errors)}
         self.storage.write_bytes_atomic(
-            self.manifest_key(task.stage, task.shard_id), entry.model_dump_json(indent=2).encode()
+            self.manifest_key(task.stage, task.shard_id), json.dumps(record, indent=2).encode()
         )
         return entry
 
@@ -195,12 +262,15 @@ class RunLayout:
 
     def read_errors(self, stage: str) -> pa.Table:
         """The stage's whole errors table: per-shard error files plus, for crawl, dedup drops."""
-        tables = []
-        for shard in sorted(self.manifests(stage)):
+
+        def read(shard: str) -> pa.Table | None:
             try:
-                tables.append(self.read_shard_errors(stage, shard))
+                return self.read_shard_errors(stage, shard)
             except (StorageError, FileNotFoundError) as exc:  # damaged: the next rerun recomputes the shard
                 logger.warning("%s shard %s: errors not counted: %s", stage, shard, exc)
+                return None
+
+        tables = [t for t in shard_index.parallel_map(read, sorted(self.manifests(stage))) if t is not None]
         if stage == "crawl" and self.storage.exists(self.DEDUP_KEY):
             tables.append(self.storage.read_parquet(self.DEDUP_KEY))
         if not tables:

@@ -40,7 +40,7 @@ class StagePlan:
 def _reason(layout: RunLayout, task: ShardTask | None, fingerprint: str, entry) -> str | None:
     if task is None:
         return "input not computed yet"
-    if entry is None or not layout.storage.exists(entry.output_key) or not layout.storage.exists(entry.errors_key):
+    if entry is None or layout.damage(entry) is not None:  # sizes from one listing of the stage's files
         return "missing"
     if entry.config_fingerprint != fingerprint:
         return "config changed"
@@ -50,7 +50,9 @@ def _reason(layout: RunLayout, task: ShardTask | None, fingerprint: str, entry) 
 
 
 def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[StagePlan]:
-    layout = open_run(config)
+    # Read-only: each stage's run state is read once (index + one listing), however many planners ask.
+    layout = RunLayout(open_run(config).storage, read_only=True)
+    layout.prefetch([STAGE_SHARDS[stage] for stage in STAGE_ORDER])
     fingerprints = stage_fingerprints(config)
     forced = with_dependents(set(force))
     if config.sources:

@@ -191,6 +191,7 @@ def summarise(
     kept_rows: int | None = None,
     dedup: dict[str, Any] | None = None,
 ) -> StageRunResult:
+    layout.compact(stage)  # fold this execution's manifests into the stage index (pipeline/shard_index.py)
     errors = layout.read_errors(stage).select(["category", "reason"]).to_pylist()
     output_rows = sum(m.output_rows for m in layout.manifests(stage).values())
     computed = [r for r in reports if r.status == "computed"]

@@ -6,6 +6,10 @@ heartbeat is recent); ``interrupted`` a driver started shards and stopped withou
 ``failed`` shards failed in the last run; ``partial`` some shards committed, others missing;
 ``stale`` committed shards whose input or config changed; ``not run`` nothing committed.
 During a forced recompute, a shard counts as done only once it is committed again.
+
+Cost on a large run (S3): per stage one listing of its manifests, its index parts, the manifests not yet
+folded into the index, one listing of its files (sizes); for crawl one listing of its planned inputs and
+the checksums of only those inputs written after their shard's commit. No request per shard otherwise.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ps3_engine.infra.storage import S3Settings, Storage
+from ps3_engine.infra.storage import ObjectInfo, S3Settings, Storage
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.run_state import RunningRecord, read_running
 from ps3_engine.pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
+from ps3_engine.pipeline.shard_index import parallel_map
 
 
 @dataclass
@@ -65,14 +71,38 @@ def describe_stage(status: StageStatus) -> str:
     ).rstrip()
 
 
+def _input_checksum(layout: RunLayout, key: str) -> str:
+    """The checksum the planner stored in an input shard's Parquet metadata."""
+    metadata = pq.read_schema(pa.BufferReader(layout.storage.read_bytes(key))).metadata or {}
+    return metadata.get(b"input_checksum", b"").decode()
+
+
 def _planned_crawl(layout: RunLayout) -> list[ShardTask]:
-    tasks = []
-    for obj in layout.storage.list("crawl/_input/"):
-        with layout.storage.filesystem.open_input_file(layout.storage.path(obj.key)) as handle:
-            metadata = pq.read_schema(handle).metadata or {}
+    """The planned crawl shards, with the checksum of their current input.
+
+    An input written before its shard's manifest (both times from one clock: the object store's or the
+    file system's) is the one that shard was computed from, so its checksum is the manifest's: only
+    inputs without a manifest older than them are read (re-planned inputs, and those of the last
+    second). Inputs without a manifest need no checksum: their shard is missing whatever it is.
+    """
+    state = layout.stage_state("crawl")
+    tasks: dict[str, ShardTask] = {}
+    to_read: list[ObjectInfo] = []
+    for obj in layout.storage.list_versions("crawl/_input/", recursive=False):
+        if not obj.key.endswith(".parquet"):
+            continue
         shard_id = obj.key.rsplit("/", 1)[-1].removesuffix(".parquet")
-        tasks.append(ShardTask("crawl", shard_id, obj.key, metadata.get(b"input_checksum", b"").decode(), ()))
-    return tasks
+        entry, committed = state.entries.get(shard_id), state.listed.get(shard_id)
+        if entry is None:
+            tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, "", ())
+        elif obj.modified and committed and committed.modified and obj.modified < committed.modified:
+            tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, entry.input_checksum, ())
+        else:
+            to_read.append(obj)
+    for obj, checksum in zip(to_read, parallel_map(lambda o: _input_checksum(layout, o.key), to_read), strict=True):
+        shard_id = obj.key.rsplit("/", 1)[-1].removesuffix(".parquet")
+        tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, checksum, ())
+    return [tasks[shard_id] for shard_id in sorted(tasks)]
 
 
 def _stage_status(
@@ -95,7 +125,9 @@ def _stage_status(
             running += 1
         else:
             states[layout.shard_state(task, fingerprint or "", entry)] += 1
-    reasons = layout.read_errors(stage).column("reason").to_pylist()
+    reasons: Counter[str] = Counter()
+    for (_category, reason), rows in layout.error_counts(stage).items():
+        reasons[reason] += rows
     status = StageStatus(
         stage=stage,
         planned=len(tasks),
@@ -104,8 +136,8 @@ def _stage_status(
         missing=states["missing"] + states["damaged"],  # damaged: files unlike the manifest, recomputed
         failed=failed,
         rows=sum(m.output_rows for m in manifests.values()) - rows_adjustment,
-        error_rows=len(reasons),
-        errors_by_reason=dict(Counter(reasons)),
+        error_rows=sum(reasons.values()),
+        errors_by_reason=dict(reasons),
         running=running,
         started_at=record.started_at if record is not None else None,
     )
@@ -120,10 +152,12 @@ def _before(created_at: datetime, started: datetime) -> bool:
 
 
 def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
-    layout = RunLayout(Storage(run_root, s3))
+    # Read-only: each stage's state is read once, however many planners ask for it.
+    layout = RunLayout(Storage(run_root, s3), read_only=True)
     if not layout.storage.exists(layout.RUN_CONFIG_KEY):
         raise FileNotFoundError(f"{run_root} is not a run root (no {layout.RUN_CONFIG_KEY})")
     fingerprints = layout.storage.read_json(layout.RUN_CONFIG_KEY).get("fingerprints", {})
+    layout.prefetch(["crawl", "segment", "caption", "corpus"])
     summary = layout.storage.read_json(layout.SUMMARY_KEY) if layout.storage.exists(layout.SUMMARY_KEY) else {}
     failed = Counter(f["stage"] for f in summary.get("failed_shards", []))
     running = read_running(layout.storage)

@@ -6,9 +6,14 @@ import json
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
+
+from benchmarks.synthetic_run import SyntheticRun
 from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline import verify
 from ps3_engine.pipeline.cli import main
 from ps3_engine.pipeline.executor import ExecutorConfig, InProcessExecutor
+from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.run_state import RunningMarker, read_running, running_key
 from ps3_engine.pipeline.shard_runner import StageSpec
 from ps3_engine.pipeline.status import run_status
@@ -57,3 +62,59 @@ def test_the_executor_keeps_a_record_while_its_shards_run(tmp_path):
     assert record.shard_ids == sorted(t.shard_id for t in tasks) and record.is_alive()
     assert len(list(reports)) == 5
     assert not read_running(storage)
+
+
+def test_status_reads_few_objects_and_still_finds_a_replanned_input(tmp_path, monkeypatch):
+    """A finished run read through its index: no request per shard, except for inputs newer than their commit."""
+    root = str(tmp_path / "run")
+    storage = Storage(root)
+    run = SyntheticRun(storage, 4_000, straggler_pause_s=0.0)
+    run.write()
+    shards = len(run.shard_items)
+    status = run_status(root)
+    assert {name: (s.state, s.done) for name, s in status["stages"].items()} == dict.fromkeys(
+        ("crawl", "segment", "caption", "build-corpus"), ("done", shards)
+    )
+    assert status["stages"]["crawl"].errors_by_reason["duplicate"] == len(layout_drops(storage))
+
+    # Re-plan one crawl input with other items: its checksum changes and the input is newer than its commit.
+    shard = sorted(run.shard_items)[3]
+    key = RunLayout.crawl_input_key(shard)
+    table = pa.table({"item_id": ["other"]}).replace_schema_metadata({"input_checksum": "replanned"})
+    storage.write_parquet_atomic(key, table)
+    reads: list[str] = []
+    original = Storage.read_bytes
+
+    def read_bytes(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(Storage, "read_bytes", read_bytes)
+    crawl = run_status(root)["stages"]["crawl"]
+    assert (crawl.state, crawl.done, crawl.stale) == ("partial", shards - 1, 1)
+    # Of the crawl inputs only the re-planned one is read; in all: run.json, and per stage its index
+    # manifest, its one part and its newest manifest (never folded: see shard_index), whatever the shards.
+    assert [k for k in reads if k.startswith("crawl/_input/")] == [key]
+    assert len(reads) == 1 + 4 * 3 + 1, reads
+
+
+def layout_drops(storage: Storage) -> list[str]:
+    return RunLayout(storage).storage.read_parquet(RunLayout.DEDUP_KEY, columns=["item_id"]).column(0).to_pylist()
+
+
+def test_verify_on_ray_finds_what_the_in_process_check_finds(tmp_path, ray_local, monkeypatch):
+    storage = Storage(str(tmp_path / "run"))
+    run = SyntheticRun(storage, 3_000, straggler_pause_s=0.0)
+    run.write()
+    layout = RunLayout(storage)
+    first, second = sorted(run.shard_items)[:2]
+    storage.write_bytes_atomic(RunLayout.output_key("segment", first), b"not parquet")
+    storage.delete(RunLayout.errors_key("caption", second))
+    monkeypatch.setattr(verify, "BATCH_KEYS", 8)  # several batches, so several Ray tasks
+    in_process = verify.verify_run(layout, use_ray=False)
+    assert [gap.examples[0] for gap in in_process] == [
+        f"{storage.uri(RunLayout.errors_key('caption', second))} is missing",
+        f"{storage.uri(RunLayout.output_key('segment', first))} is 11 bytes but its manifest recorded "
+        f"{run.layout.manifests('segment')[first].output_bytes}",
+    ]
+    assert verify.verify_run(layout, use_ray=True) == in_process
