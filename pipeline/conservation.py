@@ -14,36 +14,15 @@ must appear in the stage's output or in its errors table, and nothing may appear
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.documents import check_documents
+from ps3_engine.pipeline.gaps import Gap
+from ps3_engine.pipeline.gaps import compare_items as _compare
+from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout
 
-
-@dataclass(frozen=True)
-class Gap:
-    stage: str
-    shard_id: str
-    problem: str  # "missing_shard" | "lost" | "duplicated" | "unexpected" | "dataset_mismatch"
-    count: int
-    examples: tuple[str, ...]
-
-    def describe(self) -> str:
-        return f"{self.stage}/{self.shard_id}: {self.count} {self.problem} e.g. {', '.join(self.examples[:3])}"
-
-
-def _compare(stage: str, shard: str, expected: set[str], seen: list[str], gaps: list[Gap]) -> None:
-    counts = Counter(seen)
-    lost = sorted(expected - set(counts))
-    duplicated = sorted(k for k, n in counts.items() if n > 1)
-    unexpected = sorted(set(counts) - expected)
-    for problem, items in (("lost", lost), ("duplicated", duplicated), ("unexpected", unexpected)):
-        if items:
-            gaps.append(Gap(stage, shard, problem, len(items), tuple(items[:5])))
-
-
-def _column(layout: RunLayout, key: str, column: str) -> list:
-    return layout.storage.read_parquet(key, columns=[column]).column(column).to_pylist()
+__all__ = ["Gap", "check_run"]
 
 
 def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
@@ -118,8 +97,6 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
             continue
         seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
         _compare("corpus", shard, images, seen, gaps)
-
-    from ps3_engine.pipeline.documents import check_documents  # it builds on this module's helpers
 
     gaps += check_documents(layout)
     if layout.storage.exists(DATASET_MANIFEST_KEY):

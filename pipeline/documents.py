@@ -26,7 +26,9 @@ from typing import Any
 import pyarrow as pa
 
 from ps3_engine.infra.storage import S3Settings
-from ps3_engine.pipeline.conservation import Gap, _column, _compare
+from ps3_engine.pipeline.gaps import Gap
+from ps3_engine.pipeline.gaps import compare_items as _compare
+from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.sources import items_checksum, plan_items, write_input_shard
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
