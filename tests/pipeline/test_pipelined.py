@@ -114,6 +114,11 @@ def test_pipelined_in_process_equals_stage_by_stage(site, tiny_captioner, stage_
     again = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"))
     assert [r.computed_shards for r in again] == [0, 0, 0, 0]
     assert _corpus(root) == _corpus(stage_by_stage)
+    # --force caption recomputes caption and the corpus rows only, through the same chain.
+    forced = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"), force=frozenset({"caption"}))
+    shards = results[1].planned_shards
+    assert [r.computed_shards for r in forced] == [0, 0, shards, shards]
+    assert _corpus(root) == _corpus(stage_by_stage)
 
 
 @pytest.mark.slow
