@@ -176,6 +176,11 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["state"]:  # status and plan on a finished run on S3: benchmarks/scale_state.py
+        from benchmarks.scale_state import main as state_main
+
+        state_main(["bench", *sys.argv[2:]])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("dedup", help="time run_dedup over synthetic crawl shards")
