@@ -49,7 +49,9 @@ def digest_groups(sha_words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if sha_words.shape[0] == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     _, first, group = np.unique(sha_words[:, 0], return_index=True, return_inverse=True)
-    if not np.array_equal(sha_words[first[group]], sha_words):
+    group_first = first[group.reshape(-1)]
+    # Word by word: a whole (n, 4) copy would add 32 bytes per row to the peak.
+    if not all(np.array_equal(sha_words[group_first, word], sha_words[:, word]) for word in range(1, 4)):
         _, first, group = np.unique(sha_words, axis=0, return_index=True, return_inverse=True)
     return group.reshape(-1).astype(np.int64), first.astype(np.int64)
 

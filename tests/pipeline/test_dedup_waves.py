@@ -10,7 +10,8 @@ from scipy.sparse.csgraph import connected_components
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.dedup import HASH_COLUMNS, WAVES_PREFIX, WaveDedup, run_dedup, solve, wave_key
-from ps3_engine.pipeline.dedup_sweep import DedupState
+from ps3_engine.pipeline.dedup_store import sha_words
+from ps3_engine.pipeline.dedup_sweep import DedupState, digest_groups
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.schemas import ERROR_SCHEMA
 from ps3_engine.schemas.image import IMAGE_SCHEMA
@@ -353,3 +354,18 @@ def test_streaming_decisions_equal_the_stage_by_stage_run(tmp_path, wave_data):
     run_dedup(staged, K, wave_shards=2)
     assert drop_rows(streamed) == drop_rows(staged)
     assert streamed.dropped_item_ids() == staged.dropped_item_ids()
+
+
+def test_digest_groups_are_exact_even_when_first_words_collide():
+    words = np.array([[7, 1, 2, 3], [7, 1, 2, 4], [7, 1, 2, 3], [5, 0, 0, 0]], np.uint64)
+    group, first = digest_groups(words)
+    assert group[0] == group[2] and len({group[0], group[1], group[3]}) == 3
+    assert sorted(first.tolist()) == [0, 1, 3]
+
+
+def test_sha256_hex_becomes_its_32_bytes_and_other_text_still_groups():
+    digest = bytes(range(32))
+    words = sha_words(pa.array([digest.hex(), digest.hex().upper()]))
+    assert words.tobytes() == digest * 2
+    odd = sha_words(pa.array(["a", "b", "a"]))
+    assert odd.shape == (3, 4) and np.array_equal(odd[0], odd[2]) and not np.array_equal(odd[0], odd[1])
