@@ -10,6 +10,9 @@ process and reports its wall time and peak RSS (the child's ``ru_maxrss``): once
 once more after 1% more rows arrive in new shards (the last wave grows and a new one may start: the
 waves before it are read back from their files, the changed and new ones computed).
 
+``benchmarks/scale.py sweep --size 1000000 --waves 1 16 256 4096`` times the in-memory decision alone
+(one near-edge search, then the union-find sweep) for one row set cut into more and more waves.
+
 Rows: 80% distinct random pHashes, 8% near variants of them (1-6 random bit flips, so some are beyond the
 distance), 2% blank images (distinct bytes; pHash 0, or 1-2 bits set for a quarter of them: a dense group
 in every table), 10% byte copies of earlier images; then shuffled. (tests/pipeline/test_dedup_scale.py
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine_description, replace_doc_section
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.dedup import HASH_COLUMNS, run_dedup
+from ps3_engine.pipeline.dedup_sweep import solve_waves
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.schemas import ERROR_SCHEMA
 from ps3_engine.schemas.image import IMAGE_SCHEMA
@@ -175,6 +179,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep(size: int, wave_counts: list[int], max_distance: int) -> None:
+    """In memory: the wave decision over ``size`` synthetic rows cut into each number of waves (no I/O)."""
+    rows = synthetic_hashes(size, seed=size)
+    words = np.zeros((size, 4), np.uint64)
+    words[:, 0] = rows["image"].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # odd: a bijection
+    pixels = rows["width"].astype(np.int64) * rows["height"]
+    num_bytes = rows["num_bytes"].astype(np.int64)
+    for num_waves in wave_counts:
+        wave = np.arange(size, dtype=np.int64) * num_waves // size
+        wall, cpu = time.perf_counter(), time.process_time()
+        representative, _ = solve_waves(words, rows["phash"], pixels, num_bytes, wave, max_distance)
+        dropped = int(np.count_nonzero(representative != np.arange(size)))
+        sys.stdout.write(
+            f"| {size:,} | {num_waves:,} | {time.perf_counter() - wall:.1f} | {time.process_time() - cpu:.1f} "
+            f"| {dropped:,} |\n"
+        )
+
+
 def main() -> None:
     if sys.argv[1:2] == ["state"]:  # status and plan on a finished run on S3: benchmarks/scale_state.py
         from benchmarks.scale_state import main as state_main
@@ -190,6 +212,10 @@ def main() -> None:
     bench.add_argument("--wave-shards", type=int, default=64, help="crawl.dedup_wave_shards")
     bench.add_argument("--work-dir", default=None, help="where the synthetic runs go (default: a temp dir)")
     bench.add_argument("--write-docs", action="store_true")
+    waves = sub.add_parser("sweep", help="in-memory wave decision: cost against the number of waves")
+    waves.add_argument("--size", type=int, default=1_000_000)
+    waves.add_argument("--waves", type=int, nargs="+", default=[1, 16, 256, 4096])
+    waves.add_argument("--max-distance", type=int, default=4)
     one = sub.add_parser("child", help=argparse.SUPPRESS)
     one.add_argument("--root", required=True)
     one.add_argument("--max-distance", type=int, required=True)
@@ -197,6 +223,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "child":
         child(args.root, args.max_distance, args.wave_shards)
+        return
+    if args.command == "sweep":
+        sys.stdout.write("| rows | waves | wall (s) | CPU (s) | rows dropped |\n|---:|---:|---:|---:|---:|\n")
+        sweep(args.size, args.waves, args.max_distance)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
