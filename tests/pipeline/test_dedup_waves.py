@@ -369,3 +369,12 @@ def test_sha256_hex_becomes_its_32_bytes_and_other_text_still_groups():
     assert words.tobytes() == digest * 2
     odd = sha_words(pa.array(["a", "b", "a"]))
     assert odd.shape == (3, 4) and np.array_equal(odd[0], odd[2]) and not np.array_equal(odd[0], odd[1])
+
+
+def test_a_run_without_committed_crawl_shards_has_an_empty_drop_table(tmp_path):
+    layout = RunLayout(Storage(str(tmp_path / "run")))
+    outcome = run_dedup(layout, K, wave_shards=2)
+    assert (outcome.kept, outcome.dropped_exact, outcome.dropped_near, outcome.waves_computed) == (0, 0, 0, 0)
+    assert layout.storage.read_parquet(layout.DEDUP_KEY).num_rows == 0
+    assert layout.dropped_item_ids() == set()
+    assert WaveDedup(layout, K, wave_shards=2).decide([]) == {}
