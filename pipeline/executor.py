@@ -35,7 +35,7 @@ from ps3_engine.pipeline.shard_runner import (
     prepare_shard,
     run_shard,
 )
-from ps3_engine.stages.base import Resources
+from ps3_engine.stages.base import Resources, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -328,17 +328,26 @@ def _prepare_tasks(
         k: [] for k in ("task", "prepared", "prepared_errors", "input_rows", "prepare_s", "failure")
     }
     for task_json in batch["task"]:
-        task = _task_from_row({"task": task_json})
-        payload, errors, input_rows, prepare_s, failure = b"", b"", 0, 0.0, ""
-        try:
-            prepared = prepare_shard(stage, layout, task, on_batch=progress)
-            payload, errors = prepared.to_ipc()
-            input_rows, prepare_s = prepared.input_rows, prepared.prepare_s
-        except Exception as exc:
-            failure = failed_report(task, exc, 0.0).message
-        for key, value in zip(columns, (task_json, payload, errors, input_rows, prepare_s, failure), strict=True):
+        prepared = prepare_payload(stage, layout, _task_from_row({"task": task_json}), progress)
+        for key, value in zip(columns, (task_json, *prepared), strict=True):
             columns[key].append(value)
     return {key: np.array(values, dtype=object) for key, values in columns.items()}
+
+
+def prepare_payload(
+    stage: Stage, layout: RunLayout, task: ShardTask, progress: BatchCallback | None = None
+) -> tuple[bytes, bytes, int, float, str]:
+    """One shard's CPU phase as row values: ``(prepared IPC, errors IPC, input rows, seconds, failure)``.
+
+    A failure travels on as its message (the model worker reports the shard failed), never as an
+    exception that would stop the Ray Data run.
+    """
+    try:
+        prepared = prepare_shard(stage, layout, task, on_batch=progress)
+    except Exception as exc:
+        return b"", b"", 0, 0.0, failed_report(task, exc, 0.0).message
+    payload, errors = prepared.to_ipc()
+    return payload, errors, prepared.input_rows, prepared.prepare_s, ""
 
 
 def _run_tasks_once(

@@ -45,6 +45,7 @@ from ps3_engine.pipeline.executor import (
     RayDataExecutor,
     ShardWorker,
     ensure_ray,
+    prepare_payload,
     worker_count,
 )
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
@@ -55,8 +56,6 @@ from ps3_engine.pipeline.shard_runner import (
     PreparedShard,
     ShardReport,
     StageSpec,
-    failed_report,
-    prepare_shard,
 )
 from ps3_engine.stages.base import Resources
 
@@ -256,18 +255,13 @@ def _prepare_rows(
     extra["failure"] = []
     for text in batch["task"]:
         task = task_from_json(text)
-        skip, payload, errors, rows, seconds, failure = False, b"", b"", 0, 0.0, ""
+        skip, values = False, (b"", b"", 0, 0.0, "")
         if task is not None:
             entry = layout.read_manifest(task.stage, task.shard_id)
             skip = not force and layout.shard_state(task, fingerprint, entry) == "done"
             if not skip:
-                try:
-                    prepared = prepare_shard(stage, layout, task, on_batch=progress)
-                    payload, errors = prepared.to_ipc()
-                    rows, seconds = prepared.input_rows, prepared.prepare_s
-                except Exception as exc:
-                    failure = failed_report(task, exc, 0.0).message
-        for key, value in zip(extra, (skip, payload, errors, rows, seconds, failure), strict=True):
+                values = prepare_payload(stage, layout, task, progress)
+        for key, value in zip(extra, (skip, *values), strict=True):
             extra[key].append(value)
     return {**batch, **{key: np.array(values, dtype=object) for key, values in extra.items()}}
 

@@ -269,11 +269,20 @@ def _execute_after(
     force: bool,
     chain: ChainResult | None,
 ) -> list[ShardReport]:
-    """``_execute`` over the tasks a pipelined chain did not reach; the chain's reports come first."""
+    """``_execute`` after a pipelined chain: the chain's reports, then what it did not finish.
+
+    Shards the chain computed are fresh, so the usual skip check passes them over; checking them again
+    (one manifest read each) also means that a task the chain built differently from this planner's
+    would be recomputed here rather than trusted. Forced shards the chain already recomputed, and shards
+    that failed in the chain (reported once, recomputed by the next run), are left out.
+    """
     if chain is None:
         return _execute(config, layout, stage, tasks, force=force)
-    rest = [t for t in tasks if t.shard_id not in chain.seen.get(stage, set())]
-    return chain.reports.get(stage, []) + (_execute(config, layout, stage, rest, force=force) if rest else [])
+    reports = chain.reports.get(stage, [])
+    failed = {r.shard_id for r in reports if r.status == "failed"}
+    seen = chain.seen.get(stage, set())
+    rest = [t for t in tasks if t.shard_id not in failed and not (force and t.shard_id in seen)]
+    return reports + (_execute(config, layout, stage, rest, force=force) if rest else [])
 
 
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ps3_engine.pipeline.config import load_run_config
 from ps3_engine.pipeline.demo import serve_directory
 from ps3_engine.pipeline.pipelined import DedupGate, wave_ordered
 from ps3_engine.pipeline.runner import run_pipeline
 from ps3_engine.pipeline.samples import write_scenes
+from tests.support.corpus_run import run_config
 
 SHARD_SIZE = 2
 
@@ -52,28 +52,10 @@ def site(tmp_path_factory):
 
 
 def _config(run_root: Path, lists: list[str], captioner: Path, *extra: str):
-    return load_run_config(
-        None,
-        [
-            "executor.progress=false",
-            "crawl.min_short_side=800",
-            "crawl.min_long_side=800",
-            "crawl.http.allow_private_addresses=true",
-            f"crawl.shard_size={SHARD_SIZE}",
-            "crawl.dedup_wave_shards=1",
-            "segment.backend=classical",
-            "segment.mask_max_side=512",
-            "caption.backend=transformers",
-            f"caption.model={captioner}",
-            "caption.transformers.device=cpu",
-            "caption.max_pixels=12544",
-            "caption.sampling.max_new_tokens=24",
-            "corpus.validation_fraction=0",
-            *extra,
-        ],
-        run_root=str(run_root),
-        sources=lists,
-    )
+    """The corpus tests' run config (tests/support/corpus_run.py) over both lists, small shards, 1-shard waves."""
+    waves = [f"crawl.shard_size={SHARD_SIZE}", "crawl.dedup_wave_shards=1"]
+    config = run_config(Path(lists[0]), run_root, captioner, *waves, *extra)
+    return config.model_copy(update={"sources": lists})
 
 
 def _corpus(run_root: Path) -> list[dict]:
