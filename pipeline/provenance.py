@@ -120,9 +120,11 @@ def extra_columns_schema(source_lists: Iterable[str], s3: S3Settings) -> pa.Sche
 def _unified_field(name: str, typed: list[tuple[pa.DataType, str]], base: set[str]) -> pa.Field:
     declared_types = [t for t, _ in typed]
     try:
-        unified = pa.unify_schemas(
-            [pa.schema([pa.field(name, t)]) for t in declared_types], promote_options="permissive"
-        ).field(name).type
+        unified = (
+            pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in declared_types], promote_options="permissive")
+            .field(name)
+            .type
+        )
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         unified = pa.string()
     stored = _stored_type(unified)
