@@ -309,6 +309,8 @@ def _stop_cluster(temp_dir: Path) -> None:
     psutil.wait_procs(mine, timeout=30)
 
 
+# Four Ray jobs in one test (the pipeline, its no-op rerun, PS3 and VILA-HD training): twice the per-test default.
+@pytest.mark.timeout(1200)
 def test_ray_job_submit_runs_the_pipeline_into_s3(ray_head, s3_server, s3_bucket, tiny_captioner, tmp_path):
     dashboard, _, env = ray_head
     client = s3_server.client()
