@@ -8,7 +8,7 @@ run.json                          resolved config snapshot, versions, per-stage 
 <stage>/_index/                   the stage's compacted manifests (pipeline/shard_index.py)
 crawl/_input/<shard>.parquet      planned crawl items of one shard
 crawl/_dedup/dropped.parquet      cross-shard duplicates (error rows, category "filtered")
-crawl/_dedup/index-<fp>.parquet   the dedup's per-row hash index, named by crawl/_dedup/_manifest.json
+crawl/_dedup/waves/<prefix>-<k>.parquet  one dedup wave: its rows and decisions (fingerprint chain in metadata)
 summary.json                      per-stage counts, errors by reason, wall time, throughput
 ```
 A shard is complete when its manifest exists and the files it names exist with the recorded sizes
