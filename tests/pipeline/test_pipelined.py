@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,13 +24,37 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ps3_engine.pipeline.demo import serve_directory
 from ps3_engine.pipeline.pipelined import DedupGate, wave_ordered
 from ps3_engine.pipeline.runner import run_pipeline
 from ps3_engine.pipeline.samples import write_scenes
 from tests.support.corpus_run import run_config
 
 SHARD_SIZE = 2
+# Every image response waits this long, so the crawl of the Ray test takes several seconds per round of
+# shards and the overlap of later stages with the crawl shows even on a loaded machine.
+RESPONSE_DELAY_S = 0.7
+
+
+class _SlowHandler(SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:
+        time.sleep(RESPONSE_DELAY_S)
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _serve_slowly(root: Path) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SlowHandler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +67,7 @@ def site(tmp_path_factory):
     shutil.copy(scenes[0], root / "img" / "copy-of-0.jpg")
     first.resize((1080, 810)).save(root / "img" / "smaller-0.jpg", quality=92)
     Image.open(scenes[1]).resize((1600, 1200)).save(root / "img" / "larger-1.jpg", quality=92)
-    with serve_directory(root) as base_url:
+    with _serve_slowly(root) as base_url:
         lists = []
         # List a: scenes 0-5, then (later waves) the larger copy of scene 1 and both copies of scene 0.
         later = ["img/larger-1.jpg", "img/copy-of-0.jpg", "img/smaller-0.jpg"]
