@@ -151,7 +151,8 @@ def main() -> None:
     print(table)
     if args.write_docs:
         command = (
-            f".venv/bin/python benchmarks/pipelined_run.py --images {args.images} --segment-ms {args.segment_ms:g} "
+            f".venv/bin/python benchmarks/pipelined_run.py --images {args.images} --side {args.side[0]}x{args.side[1]} "
+            f"--segment-ms {args.segment_ms:g} "
             f"--caption-ms {args.caption_ms:g} --shard-size {args.shard_size} --wave-shards {args.wave_shards} "
             "--write-docs"
         )
