@@ -38,6 +38,7 @@ import numpy as np
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.dedup import WaveDedup, wave_key
+from ps3_engine.pipeline.dedup_sweep import shard_order_key
 from ps3_engine.pipeline.executor import (
     ACTOR_RESTART_ARGS,
     MAX_RAY_RUNS,
@@ -57,6 +58,7 @@ from ps3_engine.pipeline.shard_runner import (
     ShardReport,
     StageSpec,
 )
+from ps3_engine.schemas import ManifestEntry
 from ps3_engine.stages.base import Resources
 
 if TYPE_CHECKING:
@@ -176,7 +178,9 @@ class DedupGate:
     ``planned`` are this run's crawl shards (each arrives once, computed, skipped or failed);
     ``committed`` are the run's other committed crawl shards (from earlier plans), whose waves are
     complete from the start. A released shard leaves with its segment task (None when it has no
-    committed crawl output). Without dedup, shards pass at once with nothing excluded.
+    committed crawl output). Without dedup, waves are held the same way and a row whose image id an
+    earlier shard (or row) already holds is excluded, as :meth:`RunLayout.excluded_items` does for the
+    stage-by-stage planner: a task built otherwise would be recomputed by the pass after the chain.
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class DedupGate:
             self.members.setdefault(wave_key(shard_id, wave_shards), set()).add(shard_id)
         self.waiting = {key: {s for s in members if s in set(planned)} for key, members in self.members.items()}
         self.arrived: dict[str, str] = {}  # shard id -> its reports JSON, until released
+        self.seen_images: set[str] = set()  # without dedup: image ids of the shards decided so far
         self.order = sorted(self.members)
         self.next_wave = 0
 
@@ -203,18 +208,19 @@ class DedupGate:
         """Take one crawl shard; return ``(shard id, segment task, reports)`` of every shard released now."""
         from ps3_engine.pipeline.runner import segment_task
 
-        if self.dedup is None:
-            entry = self.layout.read_manifest("crawl", shard_id)
-            return [(shard_id, segment_task(shard_id, entry, ()) if entry else None, reports)]
         self.arrived[shard_id] = reports
         self.waiting[wave_key(shard_id, self.wave_shards)].discard(shard_id)
         released = []
         while self.next_wave < len(self.order) and not self.waiting[self.order[self.next_wave]]:
             key = self.order[self.next_wave]
-            members = sorted(self.members[key])
+            members = sorted(self.members[key], key=shard_order_key)
             began = time.perf_counter()
             entries = {s: self.layout.read_manifest("crawl", s) for s in members}
-            excluded = self.dedup.decide([s for s in members if entries[s] is not None])
+            committed = [s for s in members if entries[s] is not None]
+            if self.dedup is not None:
+                excluded = self.dedup.decide(committed)
+            else:
+                excluded = self._repeated_images({s: entries[s] for s in committed})
             logger.info(
                 "dedup wave %s-%d: %d shards decided in %.2f s, %d rows dropped",
                 *key,
@@ -229,6 +235,19 @@ class DedupGate:
                     released.append((shard, task, self.arrived.pop(shard)))
             self.next_wave += 1
         return released
+
+    def _repeated_images(self, entries: dict[str, ManifestEntry]) -> dict[str, tuple[str, ...]]:
+        """Without dedup: rows whose image id an earlier shard or row holds (sorted item ids by shard)."""
+        excluded = {}
+        for shard_id, entry in entries.items():
+            rows = self.layout.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist()
+            repeated = []
+            for row in rows:
+                if row["image_id"] in self.seen_images:
+                    repeated.append(row["item_id"])
+                self.seen_images.add(row["image_id"])
+            excluded[shard_id] = tuple(sorted(repeated))
+        return excluded
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[Any]] = {name: [] for name in COLUMNS}

@@ -177,3 +177,23 @@ def test_crawl_tasks_are_ordered_by_wave():
         "aaaaaaaa-00002",
         "bbbbbbbb-00000",
     ]
+
+
+def test_pipelined_without_dedup_builds_the_planners_tasks(site, tiny_captioner, stage_by_stage, tmp_path):
+    """``crawl.dedup=false`` after a deduplicated run: the gate excludes repeated image ids like the planner.
+
+    Before, the gate passed every row on, so the pass after the chain found each such task different from
+    its own and computed the shard a second time (summary: more shards computed than planned).
+    """
+    lists, _ = site
+    root = tmp_path / "run"
+    shutil.copytree(stage_by_stage, root)
+    results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "crawl.dedup=false"))
+    # Only the shards of the two near duplicates (larger-1.jpg, smaller-0.jpg) change; each is computed once.
+    assert [r.computed_shards for r in results] == [0, 2, 2, 2]
+    assert all(r.skipped_shards == r.planned_shards - 2 for r in results[1:])
+    # Byte copies stay out (one image id, one corpus row); the near duplicates come in without dedup.
+    image_ids = [row["image_id"] for row in _corpus(root)]
+    assert len(image_ids) == len(set(image_ids)) == len(_corpus(stage_by_stage)) + 2
+    again = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "crawl.dedup=false"))
+    assert [r.computed_shards for r in again] == [0, 0, 0, 0]
