@@ -282,7 +282,14 @@ def _execute_after(
     failed = {r.shard_id for r in reports if r.status == "failed"}
     seen = chain.seen.get(stage, set())
     rest = [t for t in tasks if t.shard_id not in failed and not (force and t.shard_id in seen)]
-    return reports + (_execute(config, layout, stage, rest, force=force) if rest else [])
+    if not rest:
+        return reports
+    # _execute records its own executor's workers, 1 when it had nothing left to compute: keep the
+    # chain's count when larger, or the summary's busy fraction would divide by one worker.
+    chain_workers = _last_workers.get(stage, 1)
+    reports = reports + _execute(config, layout, stage, rest, force=force)
+    _last_workers[stage] = max(chain_workers, _last_workers.get(stage, 1))
+    return reports
 
 
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:

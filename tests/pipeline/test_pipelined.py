@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
 from ps3_engine.pipeline.pipelined import DedupGate, wave_ordered
-from ps3_engine.pipeline.runner import run_pipeline
+from ps3_engine.pipeline.runner import run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
 from tests.support.corpus_run import run_config
 
@@ -150,6 +151,13 @@ def test_pipelined_on_ray_streams_and_equals_stage_by_stage(site, tiny_captioner
     assert committed("segment")[0] < committed("crawl")[-1]
     summary = json.loads((root / "summary.json").read_text())
     assert summary["stages"]["crawl"]["computed_shards"] == len(committed("crawl"))
+    # The summary counts the chain's workers (the pass after the chain, with nothing left, used none).
+    config = _config(root, lists, tiny_captioner, "executor.kind=ray", "crawl.max_workers=1")
+    specs = stage_specs(config)
+    for stage in ("segment", "caption"):
+        wanted = RayDataExecutor.fit_resources(specs[stage].build().resources, stage)
+        expected = worker_count(wanted, len(committed("crawl")), config.executor.max_workers)
+        assert summary["stages"][stage]["workers"] == expected, stage
 
 
 def test_the_gate_releases_whole_waves_in_key_order(tmp_path):
