@@ -115,7 +115,16 @@ class ChainStep:
         self.layout = RunLayout(storage)
         self.force = force
         self.fingerprint = spec.build().fingerprint()
-        self.worker = ShardWorker(spec, storage, self.fingerprint, progress)
+        self._worker_args = (spec, storage, self.fingerprint, progress)
+        # Built (model weights loaded) at the first shard to compute: a rerun whose shards are all
+        # complete and fresh loads no model, as a stage-by-stage rerun with nothing pending starts none.
+        self._worker: ShardWorker | None = None
+
+    @property
+    def worker(self) -> ShardWorker:
+        if self._worker is None:
+            self._worker = ShardWorker(*self._worker_args)
+        return self._worker
 
     def is_done(self, task: ShardTask) -> bool:
         if self.force:
@@ -153,7 +162,8 @@ class ChainStep:
         return {name: np.array(values, dtype=object) for name, values in out.items()}
 
     def close(self) -> None:
-        self.worker.close()
+        if self._worker is not None:
+            self._worker.close()
 
 
 def _prepared_from_row(batch: dict[str, np.ndarray], index: int) -> PreparedShard | ShardReport | None:

@@ -24,9 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
-from ps3_engine.pipeline.pipelined import DedupGate, wave_ordered
-from ps3_engine.pipeline.runner import run_pipeline, stage_specs
+from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.pipelined import ChainStep, DedupGate, wave_ordered
+from ps3_engine.pipeline.runner import plan_caption, run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
 from tests.support.corpus_run import run_config
 
@@ -205,3 +207,10 @@ def test_pipelined_without_dedup_builds_the_planners_tasks(site, tiny_captioner,
     assert len(image_ids) == len(set(image_ids)) == len(_corpus(stage_by_stage)) + 2
     again = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "crawl.dedup=false"))
     assert [r.computed_shards for r in again] == [0, 0, 0, 0]
+    # A step whose shard is complete and fresh skips it without building its worker (no model loaded).
+    storage = Storage(str(root))
+    spec = stage_specs(_config(root, lists, tiny_captioner))["caption"]
+    step = ChainStep(spec, "caption", storage, force=False)
+    assert step.run(plan_caption(RunLayout(storage))[0]).status == "skipped"
+    assert step._worker is None
+    step.close()
