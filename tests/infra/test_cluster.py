@@ -23,6 +23,8 @@ import pytest
 import ray
 import yaml
 from dockerfile_parse import DockerfileParser
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from ps3_engine.infra.storage import S3Settings, Storage
 from ps3_engine.pipeline.cli import main
@@ -166,6 +168,18 @@ def test_dockerfiles_build_on_the_ray_image_matching_our_ray_and_python(name, va
     workdirs = [i["value"] for i in dockerfile.structure if i["instruction"] == "WORKDIR"]
     assert workdirs == [IMAGE_WORKDIR]
     assert f"-t {image_name(variant)} " in dockerfile.content
+    # The CPU image takes torch's CPU build (PyPI's is the CUDA one); the GPU image keeps vLLM's CUDA torch.
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    assert dockerfile.envs.get("PIP_EXTRA_INDEX_URL") == (cpu_index if variant == "cpu" else None)
+    torch_pin = next(r for r in _models_extra() if re.match(r"torch\s*==", r))
+    assert SpecifierSet(torch_pin.split("torch", 1)[1]).contains(Version("2.14.1+cpu"))
+    assert Version("2.14.1+cpu") > Version("2.14.1")
+
+
+def _models_extra() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["models"]
 
 
 def test_manifests_name_the_one_image(monkeypatch):
