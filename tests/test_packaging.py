@@ -94,6 +94,13 @@ def test_wheel_installs_next_to_sam2_and_imports_everything_from_outside_the_rep
     _run([*install, str(wheel)], outside, env)
     _run([*install, "--no-build-isolation", "sam2>=1.1"], outside, {**env, "SAM2_BUILD_CUDA": "0"})
 
+    # The wheel's own metadata (its base Requires-Dist) against the versions visible there: a dependency
+    # dropped from or mis-pinned in pyproject.toml fails here, not in an image build. Only our lines count:
+    # the bare venv's own old setuptools is below torch's floor, which no install of ours would keep.
+    check = subprocess.run([str(python), "-m", "pip", "check"], cwd=outside, env=env, capture_output=True, text=True)
+    assert check.stdout.strip(), check.stderr
+    assert [line for line in check.stdout.splitlines() if line.lower().startswith("ps3-engine ")] == []
+
     version = _run([str(venv / "bin" / "ps3-engine"), "--version"], outside, env)
     assert version.strip() == f"ps3-engine {_pyproject()['project']['version']}"
 
