@@ -148,6 +148,8 @@ def _print_results(config: RunConfig, results: list[StageRunResult]) -> int:
             f"{result.workers} workers {result.busy_fraction:.0%} busy"
         )
         if result.dataset:
+            if not result.dataset["counts"]:  # else the summary ends with no dataset line at all
+                print("[dataset] no images: every item was filtered or failed (see the reasons above)")
             for split, counts in sorted(result.dataset["counts"].items()):
                 print(
                     f"[dataset] {split}: {counts['images']} images, {counts['regions']} (box, caption) pairs, "

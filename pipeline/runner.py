@@ -292,6 +292,24 @@ def _execute_after(
     return reports
 
 
+def plan_run_crawl(layout: RunLayout, config: RunConfig) -> list[ShardTask]:
+    """Plan the crawl of ``config.sources``, then snapshot the config; sources without one item are refused.
+
+    Without the check, a new run over an empty list (or one of blank lines and comments) "crawled" nothing
+    and stopped at segment with "run 'ps3-engine crawl' first", after a crawl that had run. The snapshot
+    comes after the check, so the refused root is not taken for a run (see run_crawl). A run root that
+    already holds crawl shards goes on with them, as before.
+    """
+    tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
+    if not tasks and not layout.manifests("crawl"):
+        raise ValueError(
+            f"nothing to crawl: {', '.join(config.sources)} gave no items "
+            "(an empty list, only blank lines and comments, or a folder without images)"
+        )
+    write_snapshot(layout, config)
+    return tasks
+
+
 def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = False) -> StageRunResult:
     """Crawl every planned shard that is not complete and fresh (or retry transient failures)."""
     started = time.perf_counter()
@@ -300,11 +318,7 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = Fa
         # commands given that run root would take for a run and continue from.
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     layout = open_run(config)
-    if retry_failed:
-        tasks = _retry_tasks(layout)
-    else:
-        write_snapshot(layout, config)
-        tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
+    tasks = _retry_tasks(layout) if retry_failed else plan_run_crawl(layout, config)
     reports = _execute(config, layout, "crawl", tasks, force=force and not retry_failed)
     return _finish_crawl(config, layout, tasks, reports, started)
 
@@ -453,8 +467,7 @@ def run_pipelined(config: RunConfig, force: frozenset[str] = frozenset()) -> lis
     if not config.sources:
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     layout = open_run(config)
-    write_snapshot(layout, config)
-    tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3)
+    tasks = plan_run_crawl(layout, config)
     outcome = run_chain(config, layout, tasks, {STAGE_SHARDS[s] for s in forced})
     _last_workers.update(outcome["workers"])
     chain = ChainResult(started, outcome["reports"], outcome["seen"])

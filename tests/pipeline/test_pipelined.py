@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline.cli import _print_results, main
 from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.pipelined import ChainStep, DedupGate, wave_ordered
@@ -214,3 +215,44 @@ def test_pipelined_without_dedup_builds_the_planners_tasks(site, tiny_captioner,
     assert step.run(plan_caption(RunLayout(storage))[0]).status == "skipped"
     assert step._worker is None
     step.close()
+
+
+@pytest.mark.parametrize("pipelined", ["true", "false"])
+@pytest.mark.parametrize("text", ["", "\n   \n# only comments\n\n# and blank lines\n"], ids=["empty", "blank"])
+def test_run_over_a_list_without_urls_stops_with_one_line(tmp_path, capsys, text, pipelined):
+    """Before, the crawl ran over nothing and the run stopped at segment with "run 'ps3-engine crawl' first"
+    (the user had), leaving a run.json that made the root look like a run."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text(text)
+    root = tmp_path / "run"
+    argv = ["run", "--input", str(urls), "--run-root", str(root), "--executor", "local"]
+    assert main([*argv, "--set", "executor.progress=false", "--set", f"executor.pipelined={pipelined}"]) == 2
+    err = capsys.readouterr().err  # the INFO log lines of planning go to stderr too
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("ps3-engine:")] == [
+        f"ps3-engine: error: nothing to crawl: {urls} gave no items "
+        "(an empty list, only blank lines and comments, or a folder without images)"
+    ]
+    assert not (root / "run.json").exists()
+
+
+def test_pipelined_run_where_every_item_fails_ends_cleanly(site, tiny_captioner, tmp_path, capsys):
+    """All 404s and pages that are not images: one error row per item, every stage ends, status --check OK."""
+    _, base_url = site
+    urls = tmp_path / "all-fail.txt"
+    paths = ("img/missing-0.jpg", "a.txt", "img/missing-1.jpg", "b.txt", "img/missing-2.jpg")
+    urls.write_text("".join(f"{base_url}/{p}\n" for p in paths))
+    root = tmp_path / "run"
+    config = run_config(urls, root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}")
+    results = run_pipeline(config)
+    assert [r.computed_shards for r in results] == [3, 3, 3, 3]
+    assert all(not r.failed_shards for r in results)
+    assert results[0].errors_by_reason == {"http_404": 3, "not_an_image": 2}
+    errors = RunLayout(Storage(str(root))).read_errors("crawl").column("item_id").to_pylist()
+    assert len(errors) == len(set(errors)) == len(paths)
+    assert [r.output_rows for r in results] == [0, 0, 0, 0]
+    _print_results(config, results)
+    assert "[dataset] no images: every item was filtered or failed" in capsys.readouterr().out
+    assert main(["status", "--check", str(root)]) == 0
+    assert capsys.readouterr().out.strip().endswith("OK")
+    assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0]
