@@ -5,7 +5,9 @@ old caption manifest is still fresh, so a status read from manifests alone says 
 therefore writes ``_running/<stage>.json`` when it starts a stage's shards, refreshes its heartbeat
 while reports come in, and deletes it when the stage ends. ``status`` counts a listed shard as done
 only when its manifest was committed after ``started_at``; a record whose heartbeat is older than
-:data:`STALE_AFTER_S` belongs to a driver that died (the stage is then ``interrupted``).
+:data:`STALE_AFTER_S` belongs to a driver that died (the stage is then ``interrupted``). The heartbeat is
+a thread of the driver, not the shard reports: one shard can take longer than that (a caption shard of a
+large model), and in a pipelined run a downstream stage reports nothing until a whole dedup wave is crawled.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -60,16 +63,32 @@ class RunningMarker:
         self.storage = storage
         self.record = RunningRecord(stage, sorted(shard_ids), started_at=now, updated_at=now)
         self._last_write = 0.0
+        self._lock = threading.Lock()  # the heartbeat thread and shard_reported both rewrite the record
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> RunningMarker:
         self._write()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{self.record.stage}", daemon=True)
+        self._heartbeat.start()
         return self
 
     def shard_reported(self) -> None:
         """Count a finished shard; rewrites the record at most every :data:`HEARTBEAT_INTERVAL_S`."""
-        self.record.reported += 1
-        if time.monotonic() - self._last_write >= HEARTBEAT_INTERVAL_S:
-            self._write()
+        with self._lock:
+            self.record.reported += 1
+            if time.monotonic() - self._last_write >= HEARTBEAT_INTERVAL_S:
+                self._write()
+
+    def _beat(self) -> None:
+        """Rewrite the record every :data:`HEARTBEAT_INTERVAL_S` while the driver lives (a killed one stops)."""
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                with self._lock:
+                    if time.monotonic() - self._last_write >= HEARTBEAT_INTERVAL_S:
+                        self._write()
+            except OSError as exc:  # a transient storage error must not end the heartbeat for good
+                logger.warning("could not refresh the in-progress record of %s: %s", self.record.stage, exc)
 
     def _write(self) -> None:
         self.record.updated_at = datetime.now(UTC).isoformat()
@@ -77,6 +96,9 @@ class RunningMarker:
         self._last_write = time.monotonic()
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()  # no heartbeat may rewrite the record after it is deleted
         # Left in place when the driver is interrupted (Ctrl-C, a crash): status then says "interrupted".
         if exc_type is None or exc_type is GeneratorExit:
             self.storage.delete(running_key(self.record.stage))

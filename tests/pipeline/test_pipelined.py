@@ -25,12 +25,14 @@ import pytest
 from PIL import Image
 
 from ps3_engine.infra.storage import Storage
+from ps3_engine.pipeline import run_state
 from ps3_engine.pipeline.cli import _print_results, main
 from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.pipelined import ChainStep, DedupGate, wave_ordered
 from ps3_engine.pipeline.runner import plan_caption, run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
+from ps3_engine.pipeline.status import run_status
 from tests.support.corpus_run import run_config
 
 SHARD_SIZE = 2
@@ -256,3 +258,38 @@ def test_pipelined_run_where_every_item_fails_ends_cleanly(site, tiny_captioner,
     assert main(["status", "--check", str(root)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
     assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0]
+
+
+def test_pipelined_run_keeps_waiting_stages_alive_in_status(site, tiny_captioner, tmp_path, monkeypatch):
+    """While the first dedup wave is crawled, segment, caption and corpus report nothing; their in-progress
+    records must still be refreshed, or status calls a live run "interrupted" (records were rewritten only
+    when a shard of their stage reported)."""
+    lists, _ = site
+    monkeypatch.setattr(run_state, "HEARTBEAT_INTERVAL_S", 0.1)
+    monkeypatch.setattr(run_state, "STALE_AFTER_S", 1.0)
+    root = tmp_path / "run"
+    # List a: 9 slow images in 5 shards and one wave, so segment waits several seconds for its first shard.
+    config = run_config(Path(lists[0]), root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}")
+    seen: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not list((root / "segment" / "_manifest").glob("*.json")):
+            record = run_state.read_running(Storage(str(root))).get("segment")
+            # status lists segment once a crawl shard is committed (its planner needs one)
+            segment = run_status(str(root))["stages"].get("segment") if record is not None else None
+            if segment is not None:
+                seen.append((segment.state, time.time() - record.started.timestamp()))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert all(not r.failed_shards for r in run_pipeline(config))
+    finally:
+        done.set()
+        watcher.join()
+    waited = [state for state, age in seen if age > 2 * run_state.STALE_AFTER_S]
+    assert waited, seen  # the wave took long enough to tell a live record from a dead one
+    assert set(waited) == {"running"}, seen
+    assert not run_state.read_running(Storage(str(root)))  # every record is gone once the run ends
