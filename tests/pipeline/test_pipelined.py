@@ -34,6 +34,7 @@ from ps3_engine.pipeline.runner import plan_caption, run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
 from ps3_engine.pipeline.status import run_status
 from tests.support.corpus_run import run_config
+from tests.support.pdfs import text_pdf
 
 SHARD_SIZE = 2
 # Every image response waits this long, so the crawl of the Ray test takes several seconds per round of
@@ -304,3 +305,44 @@ def test_pipelined_run_keeps_waiting_stages_alive_in_status(site, tiny_captioner
     assert waited, seen  # the wave took long enough to tell a live record from a dead one
     assert set(waited) == {"running"}, seen
     assert not run_state.read_running(Storage(str(root)))  # every record is gone once the run ends
+
+
+def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_captioner, stage_by_stage, tmp_path):
+    """``run --documents`` beside URL lists: the chain for the images, render for the PDFs, one corpus."""
+    lists, _ = site
+    pdfs = tmp_path / "pdfs"
+    pdfs.mkdir()
+    for seed in range(2):
+        (pdfs / f"doc-{seed}.pdf").write_bytes(text_pdf(num_pages=2, seed=seed).data)
+    (pdfs / "broken.pdf").write_bytes(b"%PDF-1.7 not really")
+    root = tmp_path / "run"
+    config = _config(root, lists, tiny_captioner).model_copy(update={"document_sources": [str(pdfs)]})
+    results = run_pipeline(config)
+    assert [r.stage for r in results] == ["crawl", "segment", "caption", "render", "build-corpus"]
+    assert all(not r.failed_shards for r in results)
+    assert results[3].errors_by_reason == {"broken_pdf": 1} and results[3].output_rows == 4
+    rows = _corpus(root)
+    assert [r for r in rows if r["source_type"] == "natural"] == _corpus(stage_by_stage)
+    assert sum(r["source_type"] == "document" for r in rows) == 4
+    assert main(["status", "--check", str(root)]) == 0
+    assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_pipelined_force_crawl_and_segment_recompute_and_keep_the_corpus(
+    site, tiny_captioner, stage_by_stage, tmp_path
+):
+    """``run --force segment`` / ``--force crawl`` after a finished run: every shard from that stage on."""
+    lists, _ = site
+    root = tmp_path / "run"
+    shutil.copytree(stage_by_stage, root)
+    config = _config(root, lists, tiny_captioner)
+    shards = len(list((root / "crawl" / "_manifest").glob("*.json")))
+    forced = run_pipeline(config, force=frozenset({"segment"}))
+    assert [r.computed_shards for r in forced] == [0, shards, shards, shards]
+    assert _corpus(root) == _corpus(stage_by_stage)
+    forced = run_pipeline(config, force=frozenset({"crawl"}))
+    assert [r.computed_shards for r in forced] == [shards] * 4
+    assert _drops(root) == _drops(stage_by_stage)
+    assert _corpus(root) == _corpus(stage_by_stage)
+    assert main(["status", "--check", str(root)]) == 0
