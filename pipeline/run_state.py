@@ -3,7 +3,8 @@
 Manifests say what is committed, not what is being recomputed: during ``run --force caption`` every
 old caption manifest is still fresh, so a status read from manifests alone says ``done``. The executor
 therefore writes ``_running/<stage>.json`` when it starts a stage's shards, refreshes its heartbeat
-while reports come in, and deletes it when the stage ends. ``status`` counts a listed shard as done
+while it runs, and deletes it when the stage ends (one stopped by Ctrl-C or a crash is marked stopped
+and kept, so status says ``interrupted`` at once). ``status`` counts a listed shard as done
 only when its manifest was committed after ``started_at``; a record whose heartbeat is older than
 :data:`STALE_AFTER_S` belongs to a driver that died (the stage is then ``interrupted``). The heartbeat is
 a thread of the driver, not the shard reports: one shard can take longer than that (a caption shard of a
@@ -40,6 +41,7 @@ class RunningRecord:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     reported: int = 0
+    stopped_at: str | None = None  # set by a driver that stopped on an exception (Ctrl-C, a crash)
 
     @property
     def started(self) -> datetime:
@@ -47,6 +49,8 @@ class RunningRecord:
 
     def is_alive(self, now: datetime | None = None) -> bool:
         """True while the heartbeat is recent (the driver may be on another machine, so no pid check)."""
+        if self.stopped_at is not None:
+            return False
         now = now or datetime.now(UTC)
         return (now - datetime.fromisoformat(self.updated_at)).total_seconds() < STALE_AFTER_S
 
@@ -102,6 +106,14 @@ class RunningMarker:
         # Left in place when the driver is interrupted (Ctrl-C, a crash): status then says "interrupted".
         if exc_type is None or exc_type is GeneratorExit:
             self.storage.delete(running_key(self.record.stage))
+            return
+        # Marked stopped at once: with only the heartbeat to go by, status said "running" for
+        # STALE_AFTER_S after a Ctrl-C. A killed driver cannot do this; its heartbeat just stops.
+        try:
+            self.record.stopped_at = datetime.now(UTC).isoformat()
+            self._write()
+        except OSError as exc:
+            logger.warning("could not mark the in-progress record of %s stopped: %s", self.record.stage, exc)
 
 
 def read_running(storage: Storage) -> dict[str, RunningRecord]:

@@ -346,3 +346,32 @@ def test_pipelined_force_crawl_and_segment_recompute_and_keep_the_corpus(
     assert _drops(root) == _drops(stage_by_stage)
     assert _corpus(root) == _corpus(stage_by_stage)
     assert main(["status", "--check", str(root)]) == 0
+
+
+def test_pipelined_run_stopped_by_ctrl_c_is_interrupted_at_once_and_a_rerun_finishes(
+    site, tiny_captioner, tmp_path, monkeypatch
+):
+    """Ctrl-C in the chain: status says "interrupted" right away (before: "running" until the heartbeat
+    went stale, 3 minutes), and the rerun finishes every stage with every item accounted for."""
+    lists, _ = site
+    root = tmp_path / "run"
+    config = run_config(
+        Path(lists[1]), root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}", "crawl.dedup_wave_shards=1"
+    )
+    advance = ChainStep.advance
+
+    def interrupted_at_caption(self, shard_id, task, prepared=None):
+        if self.stage == "caption":
+            raise KeyboardInterrupt
+        return advance(self, shard_id, task, prepared)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ChainStep, "advance", interrupted_at_caption)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(config)
+    states = {name: s.state for name, s in run_status(str(root))["stages"].items()}
+    assert states == dict.fromkeys(("crawl", "segment", "caption"), "interrupted"), states
+    assert all(not r.failed_shards for r in run_pipeline(config))
+    assert {s.state for s in run_status(str(root))["stages"].values()} == {"done"}
+    assert not run_state.read_running(Storage(str(root)))
+    assert main(["status", "--check", str(root)]) == 0
