@@ -414,12 +414,24 @@ def run_build_corpus(config: RunConfig, *, force: bool = False, chain: ChainResu
     return result
 
 
+def plan_run_documents(layout: RunLayout, config: RunConfig, persist: bool = True) -> list[ShardTask]:
+    """Plan the render of ``config.document_sources``; sources without one PDF are refused, as by
+    :func:`plan_run_crawl` (before: the run stopped at build-corpus with "run 'ps3-engine caption' first")."""
+    tasks = plan_documents(layout, config.document_sources, config.render.shard_size, config.s3, persist=persist)
+    if not tasks and not layout.manifests("render"):
+        raise ValueError(
+            f"nothing to render: {', '.join(config.document_sources)} gave no PDFs "
+            "(an empty list, only blank lines and comments, or a folder without .pdf files)"
+        )
+    return tasks
+
+
 def run_render(config: RunConfig, *, force: bool = False) -> StageRunResult:
     """Rasterise the PDFs of ``document_sources`` into page rows with text-region captions."""
     started = time.perf_counter()
     layout = open_run(config)
-    write_snapshot(layout, config)
-    tasks = plan_documents(layout, config.document_sources, config.render.shard_size, config.s3)
+    tasks = plan_run_documents(layout, config)
+    write_snapshot(layout, config)  # after the check, so a refused root is not taken for a run
     reports = _execute(config, layout, "render", tasks, force=force)
     result = summarise(
         layout, "render", reports, len(tasks), time.perf_counter() - started, _last_workers.get("render", 1)
@@ -492,6 +504,9 @@ def run_pipeline(
     With ``executor.pipelined`` and every image stage requested, the stages stream into each other
     (:func:`run_pipelined`); otherwise each stage finishes before the next starts.
     """
+    if config.sources and config.document_sources and "build-corpus" in stages:
+        # Render runs after the image stages: an empty PDF source must stop the run before them, not after.
+        plan_run_documents(open_run(config), config, persist=False)
     if config.executor.pipelined and config.sources and set(STAGE_ORDER) <= set(stages):
         return run_pipelined(config, force)
     forced = with_dependents(set(force))

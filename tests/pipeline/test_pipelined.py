@@ -250,6 +250,28 @@ def test_run_over_a_list_without_urls_stops_with_one_line(tmp_path, capsys, text
     assert not (root / "run.json").exists()
 
 
+@pytest.mark.parametrize("with_images", [True, False], ids=["with-images", "documents-only"])
+def test_run_over_a_pdf_source_without_pdfs_stops_before_any_stage(tmp_path, capsys, with_images):
+    """Before, a documents-only run stopped at build-corpus with "run 'ps3-engine caption' first", and one
+    with images crawled, segmented and captioned them first (render comes after the image stages)."""
+    folder = tmp_path / "pdfs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a PDF")
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/never-fetched.jpg\n")
+    root = tmp_path / "run"
+    argv = ["run", "--documents", str(folder), "--run-root", str(root), "--executor", "local"]
+    argv += ["--set", "executor.progress=false", *(["--input", str(urls)] if with_images else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("ps3-engine:")] == [
+        f"ps3-engine: error: nothing to render: {folder} gave no PDFs "
+        "(an empty list, only blank lines and comments, or a folder without .pdf files)"
+    ]
+    assert not (root / "run.json").exists() and not (root / "crawl").exists()
+
+
 def test_pipelined_run_where_every_item_fails_ends_cleanly(site, tiny_captioner, tmp_path, capsys):
     """All 404s and pages that are not images: one error row per item, every stage ends, status --check OK."""
     _, base_url = site
