@@ -29,6 +29,7 @@ from ps3_engine.pipeline import run_state
 from ps3_engine.pipeline.cli import _print_results, main
 from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
 from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.lineage import trace_region
 from ps3_engine.pipeline.pipelined import ChainStep, DedupGate, wave_ordered
 from ps3_engine.pipeline.runner import plan_caption, run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
@@ -348,6 +349,14 @@ def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_c
     assert sum(r["source_type"] == "document" for r in rows) == 4
     assert main(["status", "--check", str(root)]) == 0
     assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0, 0]
+    # trace finds a page's region too (before: "region ... is in no segment shard of this run").
+    page = next(r for r in rows if r["source_type"] == "document")
+    trace = trace_region(RunLayout(Storage(str(root))), page["regions"][0]["region_id"])
+    assert trace["document"]["source_ref"] in {str(pdfs / f"doc-{seed}.pdf") for seed in range(2)}
+    assert trace["captions"][0]["text"] == page["regions"][0]["caption"]
+    assert trace["corpus"]["in_corpus"] and trace["corpus"]["dataset_shard"].startswith("dataset/images/")
+    image = next(r for r in rows if r["source_type"] == "natural")
+    assert trace_region(RunLayout(Storage(str(root))), image["regions"][0]["region_id"])["crawl"]["source_ref"]
 
 
 @pytest.mark.slow
