@@ -308,6 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"run root: {run_root}")
     for stage in STAGE_ORDER:
+        if stage == "build-corpus" and "render" in status["stages"]:  # the document branch, where it ran
+            print(f"  {'render':13s} " + describe_stage(status["stages"]["render"]))
         entry = status["stages"].get(stage)
         print(f"  {stage:13s} " + (describe_stage(entry) if entry is not None else "not run"))
     return 0

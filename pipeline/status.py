@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ps3_engine.infra.storage import ObjectInfo, S3Settings, Storage
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
+from ps3_engine.pipeline.documents import plan_document_corpus
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.run_state import RunningRecord, read_running
 from ps3_engine.pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
@@ -77,31 +78,31 @@ def _input_checksum(layout: RunLayout, key: str) -> str:
     return metadata.get(b"input_checksum", b"").decode()
 
 
-def _planned_crawl(layout: RunLayout) -> list[ShardTask]:
-    """The planned crawl shards, with the checksum of their current input.
+def _planned_inputs(layout: RunLayout, stage: str = "crawl") -> list[ShardTask]:
+    """The planned shards of a stage with planned inputs (crawl, render), with their current input's checksum.
 
     An input written before its shard's manifest (both times from one clock: the object store's or the
     file system's) is the one that shard was computed from, so its checksum is the manifest's: only
     inputs without a manifest older than them are read (re-planned inputs, and those of the last
     second). Inputs without a manifest need no checksum: their shard is missing whatever it is.
     """
-    state = layout.stage_state("crawl")
+    state = layout.stage_state(stage)
     tasks: dict[str, ShardTask] = {}
     to_read: list[ObjectInfo] = []
-    for obj in layout.storage.list_versions("crawl/_input/", recursive=False):
+    for obj in layout.storage.list_versions(f"{stage}/_input/", recursive=False):
         if not obj.key.endswith(".parquet"):
             continue
         shard_id = obj.key.rsplit("/", 1)[-1].removesuffix(".parquet")
         entry, committed = state.entries.get(shard_id), state.listed.get(shard_id)
         if entry is None:
-            tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, "", ())
+            tasks[shard_id] = ShardTask(stage, shard_id, obj.key, "", ())
         elif obj.modified and committed and committed.modified and obj.modified < committed.modified:
-            tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, entry.input_checksum, ())
+            tasks[shard_id] = ShardTask(stage, shard_id, obj.key, entry.input_checksum, ())
         else:
             to_read.append(obj)
     for obj, checksum in zip(to_read, parallel_map(lambda o: _input_checksum(layout, o.key), to_read), strict=True):
         shard_id = obj.key.rsplit("/", 1)[-1].removesuffix(".parquet")
-        tasks[shard_id] = ShardTask("crawl", shard_id, obj.key, checksum, ())
+        tasks[shard_id] = ShardTask(stage, shard_id, obj.key, checksum, ())
     return [tasks[shard_id] for shard_id in sorted(tasks)]
 
 
@@ -165,7 +166,7 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
         "crawl": _stage_status(
             layout,
             "crawl",
-            _planned_crawl(layout),
+            _planned_inputs(layout),
             fingerprints.get("crawl"),
             failed["crawl"],
             rows_adjustment=len(layout.dropped_item_ids()),
@@ -186,12 +187,25 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
         )
     for stage, name, planner in (
         ("caption", "caption", plan_caption),
+        ("render", "render", lambda layout: _planned_inputs(layout, "render")),
         ("corpus", "build-corpus", plan_corpus_rows),
     ):
+        # The document branch's render only where it ran (a summary or in-progress record says so), so an
+        # image-only run reads nothing more; before, status left render out, its errors and failures too.
+        if stage == "render" and not ("render" in summary.get("stages", {}) or "render" in running):
+            continue
         tasks = planner(layout)
-        if tasks and (layout.manifests(stage) or name in summary.get("stages", {}) or stage in running):
-            stages[name] = _stage_status(
-                layout, stage, tasks, fingerprints.get(stage), failed[name], record=running.get(stage)
-            )
+        # Rendered pages' corpus shards (their own fingerprint) count towards build-corpus too: before, a
+        # documents-only run's build-corpus said "not run", a mixed run's left its document shards out.
+        documents = plan_document_corpus(layout) if stage == "corpus" and "render" in stages else []
+        if (tasks or documents) and (layout.manifests(stage) or name in summary.get("stages", {}) or stage in running):
+            record = running.get(stage)
+            status = _stage_status(layout, stage, tasks, fingerprints.get(stage), failed[name], record=record)
+            if documents:
+                pages = _stage_status(layout, stage, documents, fingerprints.get("document-corpus"), 0, record=record)
+                for counted in ("planned", "done", "stale", "missing", "running"):
+                    setattr(status, counted, getattr(status, counted) + getattr(pages, counted))
+                status.state = _state(status, record)
+            stages[name] = status
     dataset = layout.storage.read_json(DATASET_MANIFEST_KEY) if layout.storage.exists(DATASET_MANIFEST_KEY) else None
     return {"run_root": run_root, "stages": stages, "summary": summary, "dataset": dataset}

@@ -348,6 +348,11 @@ def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_c
     assert [r for r in rows if r["source_type"] == "natural"] == _corpus(stage_by_stage)
     assert sum(r["source_type"] == "document" for r in rows) == 4
     assert main(["status", "--check", str(root)]) == 0
+    # status shows render, and counts the pages' corpus shard under build-corpus (before: neither).
+    status = run_status(str(root))["stages"]
+    assert (status["render"].state, status["render"].errors_by_reason) == ("done", {"broken_pdf": 1})
+    assert status["build-corpus"].state == "done"
+    assert status["build-corpus"].done == status["caption"].planned + status["render"].planned
     assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0, 0]
     # trace finds a page's region too (before: "region ... is in no segment shard of this run").
     page = next(r for r in rows if r["source_type"] == "document")
