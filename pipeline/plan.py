@@ -3,7 +3,8 @@
 Nothing is written. Every stage has one shard per crawl shard, so the crawl plan gives the universe
 of shard ids; a shard of a later stage is recomputed when it is missing, when its stage fingerprint
 changed (config, schema or code version), when its committed input changed, or when the same shard of
-an earlier stage is recomputed (its input will change).
+an earlier stage is recomputed (its input will change). The document branch, where a run has one, is
+planned beside it: render shards from the PDF sources, and their pages' corpus shards under build-corpus.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ps3_engine.pipeline.config import RunConfig
+from ps3_engine.pipeline.documents import RENDER_STAGE, plan_document_corpus, plan_documents, render_input_key
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.runner import (
     STAGE_ORDER,
@@ -89,4 +91,43 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
                 plan.recompute[shard_id] = reason
         upstream = set(plan.recompute)
         plans.append(plan)
+    render = _plan_documents(layout, config, fingerprints, forced, plans[-1])
+    if render is not None:  # before build-corpus, as a run computes them
+        plans.insert(len(plans) - 1, render)
     return plans
+
+
+def _plan_documents(
+    layout: RunLayout, config: RunConfig, fingerprints: dict[str, str], forced: set[str], corpus: StagePlan
+) -> StagePlan | None:
+    """The render plan, and the pages' corpus shards added to ``corpus`` (None: no document branch).
+
+    Before, plan left the document branch out: a changed render setting showed nothing to compute.
+    """
+    manifests = layout.manifests(RENDER_STAGE) if config.document_sources or not config.sources else {}
+    if config.document_sources:
+        tasks = plan_documents(layout, config.document_sources, config.render.shard_size, config.s3, persist=False)
+    else:  # plan against the render inputs the run already has
+        tasks = [ShardTask(RENDER_STAGE, s, render_input_key(s), e.input_checksum, ()) for s, e in manifests.items()]
+    if not tasks:
+        return None
+    plan = StagePlan(RENDER_STAGE, len(tasks))
+    for task in tasks:
+        reason = _reason(layout, task, fingerprints[RENDER_STAGE], manifests.get(task.shard_id))
+        if reason:
+            plan.recompute[task.shard_id] = reason
+    pages = {t.shard_id: t for t in plan_document_corpus(layout)}
+    committed = layout.manifests(STAGE_SHARDS["build-corpus"])
+    corpus.shards += len(tasks)
+    for task in tasks:
+        if "build-corpus" in forced:
+            reason: str | None = "forced"
+        elif task.shard_id in plan.recompute:
+            reason = "upstream shard recomputes"
+        else:
+            reason = _reason(
+                layout, pages.get(task.shard_id), fingerprints["document-corpus"], committed.get(task.shard_id)
+            )
+        if reason:
+            corpus.recompute[task.shard_id] = reason
+    return plan

@@ -31,6 +31,7 @@ from ps3_engine.pipeline.executor import RayDataExecutor, worker_count
 from ps3_engine.pipeline.layout import RunLayout
 from ps3_engine.pipeline.lineage import trace_region
 from ps3_engine.pipeline.pipelined import ChainStep, DedupGate, wave_ordered
+from ps3_engine.pipeline.plan import plan_run
 from ps3_engine.pipeline.runner import plan_caption, run_pipeline, stage_specs
 from ps3_engine.pipeline.samples import write_scenes
 from ps3_engine.pipeline.status import run_status
@@ -354,6 +355,14 @@ def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_c
     assert status["build-corpus"].state == "done"
     assert status["build-corpus"].done == status["caption"].planned + status["render"].planned
     assert [r.computed_shards for r in run_pipeline(config)] == [0, 0, 0, 0, 0]
+    # plan covers the document branch (before: a changed render setting showed nothing to compute).
+    plans = {plan.stage: plan for plan in plan_run(config)}
+    assert list(plans) == ["crawl", "segment", "caption", "render", "build-corpus"]
+    assert all(not plan.recompute for plan in plans.values())
+    assert plans["build-corpus"].shards == plans["caption"].shards + plans["render"].shards
+    dpi = config.model_copy(update={"render": config.render.model_copy(update={"dpi": 100.0})})
+    plans = {plan.stage: plan.reasons for plan in plan_run(dpi)}
+    assert plans["render"] == {"config changed": 1} and plans["build-corpus"] == {"upstream shard recomputes": 1}
     # trace finds a page's region too (before: "region ... is in no segment shard of this run").
     page = next(r for r in rows if r["source_type"] == "document")
     trace = trace_region(RunLayout(Storage(str(root))), page["regions"][0]["region_id"])
