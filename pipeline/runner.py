@@ -538,8 +538,14 @@ def write_summary(layout: RunLayout, results: list[StageRunResult], reports: lis
         summary = layout.storage.read_json(layout.SUMMARY_KEY)
     updated = {r.stage for r in results}
     summary["stages"].update({r.stage: r.to_dict() for r in results})
+    # Failed shards under their command's name, as `status` looks them up and as `updated` holds it:
+    # build-corpus writes "corpus" (and rendered pages') shards; under the shard stage's name they were
+    # never counted by status and never cleared by a later, successful build-corpus.
+    command = {shards: name for name, shards in STAGE_SHARDS.items()}
     summary["failed_shards"] = [f for f in summary.get("failed_shards", []) if f["stage"] not in updated] + [
-        {"stage": r.stage, "shard_id": r.shard_id, "message": r.message} for r in reports if r.status == "failed"
+        {"stage": command.get(r.stage, r.stage), "shard_id": r.shard_id, "message": r.message}
+        for r in reports
+        if r.status == "failed"
     ]
     summary["written_at"] = datetime.now(UTC).isoformat()
     layout.storage.write_json_atomic(layout.SUMMARY_KEY, summary)

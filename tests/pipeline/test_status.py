@@ -118,3 +118,22 @@ def test_verify_on_ray_finds_what_the_in_process_check_finds(tmp_path, ray_local
         f"{run.layout.manifests('segment')[first].output_bytes}",
     ]
     assert verify.verify_run(layout, use_ray=True) == in_process
+
+
+def test_a_failed_corpus_shard_is_summarised_under_build_corpus_and_cleared_by_its_rerun(tmp_path):
+    """build-corpus's shards are "corpus" shards: their failures were filed under "corpus", which status
+    (looking up "build-corpus") never counted and a later successful build-corpus never cleared."""
+    from ps3_engine.pipeline.runner import StageRunResult, write_summary
+    from ps3_engine.pipeline.shard_runner import ShardReport
+
+    layout = RunLayout(Storage(str(tmp_path)))
+
+    def result(failed: list[str]) -> StageRunResult:
+        return StageRunResult("build-corpus", 2, 0, 2, failed, 0, 0, 0, 1.0, 0.5)
+
+    failed = write_summary(layout, [result(["s1"])], [ShardReport("corpus", "s1", "failed", message="disk full")])
+    assert failed["failed_shards"] == [{"stage": "build-corpus", "shard_id": "s1", "message": "disk full"}]
+    crawl = StageRunResult("crawl", 1, 0, 1, [], 0, 0, 0, 1.0, 0.5)
+    kept = write_summary(layout, [crawl], [ShardReport("crawl", "c1", "computed")])
+    assert [f["stage"] for f in kept["failed_shards"]] == ["build-corpus"]  # another stage's run keeps it
+    assert write_summary(layout, [result([])], [ShardReport("corpus", "s1", "computed")])["failed_shards"] == []
