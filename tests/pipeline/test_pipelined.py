@@ -186,9 +186,8 @@ def test_the_gate_of_a_paper_scale_run_is_built_at_once(tmp_path):
     """80k planned crawl shards (10M items at 128 per shard): building the gate rebuilt the set of planned
     shards once per shard (quadratic, 2.4 s at 8k shards, minutes at 80k) before the chain could start."""
     planned = [f"{prefix}-{i:05d}" for prefix in ("aaaaaaaa", "bbbbbbbb") for i in range(40_000)]
-    began = time.perf_counter()
+    # No time limit asserted (speed belongs in benchmarks): quadratic, this test would run for minutes.
     gate = DedupGate(Storage(str(tmp_path)), planned, [*planned[:5], "cccccccc-00000"], True, 4, wave_shards=64)
-    assert time.perf_counter() - began < 5.0
     assert sum(len(w) for w in gate.waiting.values()) == len(planned)
     assert gate.waiting[("cccccccc", 0)] == set()  # a committed shard of an earlier plan is not awaited
 
