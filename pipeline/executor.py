@@ -125,7 +125,7 @@ def _progress(reports: Iterator[ShardReport], progress: ItemProgress, marker: Ru
             computed.append(report)
         else:
             failed += 1
-            progress.bar.write(f"{report.stage}: shard {report.shard_id} failed: {report.message.splitlines()[0]}")
+            progress.note(f"{report.stage}: shard {report.shard_id} failed: {report.message.splitlines()[0]}")
         yield report
     final = ItemCounts(
         shards_started=len(computed),
@@ -137,7 +137,7 @@ def _progress(reports: Iterator[ShardReport], progress: ItemProgress, marker: Ru
     progress.num_shards = len(computed)  # failed shards' items are not coming: the bar ends at 100%
     progress.show(final)
     if failed:
-        progress.bar.set_postfix_str(f"{progress.bar.postfix}, failed shards={failed}")
+        progress.mark_failed(failed)
 
 
 class InProcessExecutor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,11 @@ FORMAT_UNKNOWN_TOTAL = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_noinv_fmt}{postf
 FORMAT_KNOWN_TOTAL = (
     "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 )
+# Without a terminal: the same fields on a plain line, no bar.
+LINE_KNOWN_TOTAL = (
+    "{desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+)
+LOG_LINE_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -69,28 +75,41 @@ class ItemCounts:
 
 
 class ItemProgress:
-    """The driver's bar for one stage run: items done / estimated total, rate, ETA, outputs and errors."""
+    """The driver's progress for one stage run: items done / estimated total, rate, ETA, outputs and errors.
 
-    def __init__(self, stage: str, num_shards: int, enabled: bool, position: int | None = None) -> None:
+    On a terminal a tqdm bar (one line per stage; a pipelined run shows its stages' bars at once). Else
+    (a log file: CI, a cluster job, ``ray job logs``) plain lines, one every :data:`LOG_LINE_INTERVAL_S`
+    and a last one at the end: tqdm there redraws with carriage returns and, with several bars open at
+    once, cursor-up escapes that a log shows as ``[A`` garbage.
+    """
+
+    def __init__(
+        self, stage: str, num_shards: int, enabled: bool, position: int | None = None, interactive: bool | None = None
+    ) -> None:
         self.stage = stage
         self.num_shards = num_shards
+        self.enabled = enabled
         self.counts = ItemCounts()
         self._lock = threading.Lock()
-        unit, self._output_unit = UNITS.get(stage, ("items", "rows"))
-        interactive = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=None,
-            desc=stage,
-            unit=f" {unit}",
-            disable=not enabled,
-            leave=True,
-            dynamic_ncols=True,
-            bar_format=FORMAT_UNKNOWN_TOTAL,
-            # A pipelined run shows one bar per stage at once, each on its own line of a terminal. A log file
-            # (CI, a cluster job) gets no cursor moves, and a redraw at most every few seconds.
-            position=position if interactive else None,
-            mininterval=0.1 if interactive else 5.0,
-        )
+        self._unit, self._output_unit = UNITS.get(stage, ("items", "rows"))
+        self._interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._started = time.monotonic()
+        self._last_line = -LOG_LINE_INTERVAL_S
+        self._total: int | None = None
+        self.failed_shards = 0
+        self.bar = None
+        if self._interactive:
+            self.bar = tqdm(
+                total=None,
+                desc=stage,
+                unit=f" {self._unit}",
+                disable=not enabled,
+                leave=True,
+                dynamic_ncols=True,
+                bar_format=FORMAT_UNKNOWN_TOTAL,
+                position=position,
+                mininterval=0.1,
+            )
 
     def on_batch(self, phase: str, input_rows: int, output_rows: int, error_rows: int) -> None:
         """The in-process executor's callback: count and redraw."""
@@ -106,15 +125,63 @@ class ItemProgress:
 
     def _show(self, counts: ItemCounts) -> None:
         total = counts.estimated_total(self.num_shards)
-        if total is not None and total != self.bar.total:
-            self.bar.total = max(total, counts.items)
+        if total is not None:
+            self._total = max(total, counts.items)
+        if self.bar is None:
+            now = time.monotonic()
+            if self.enabled and now - self._last_line >= LOG_LINE_INTERVAL_S and counts.items:
+                self._write_line(now)
+            return
+        if self._total is not None and self._total != self.bar.total:
+            self.bar.total = self._total
             self.bar.bar_format = FORMAT_KNOWN_TOTAL
         self.bar.set_postfix({self._output_unit: counts.outputs, "errors": counts.errors}, refresh=False)
         # update() (rather than setting n) keeps tqdm's rate and ETA estimates right.
         self.bar.update(counts.items - self.bar.n)
 
+    @property
+    def total(self) -> int | None:
+        """The estimated (once every shard has reported: exact) number of items of this run."""
+        return self._total
+
+    def note(self, message: str) -> None:
+        """A line between the progress output (a failed shard, say), without breaking a bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            sys.stderr.write(message + "\n")
+
+    def mark_failed(self, failed_shards: int) -> None:
+        """Show the number of failed shards beside the totals."""
+        with self._lock:
+            self.failed_shards = failed_shards
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self._postfix()}, failed shards={failed_shards}")
+
+    def _postfix(self) -> str:
+        return f"{self._output_unit}={self.counts.outputs}, errors={self.counts.errors}"
+
+    def _write_line(self, now: float) -> None:
+        counts, elapsed = self.counts, now - self._started
+        line = tqdm.format_meter(
+            counts.items,
+            self._total,
+            elapsed,
+            prefix=self.stage,
+            unit=f" {self._unit}",
+            bar_format=LINE_KNOWN_TOTAL if self._total else FORMAT_UNKNOWN_TOTAL,
+            postfix=self._postfix() + (f", failed shards={self.failed_shards}" if self.failed_shards else ""),
+        )
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self._last_line = now
+
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            with self._lock:
+                self._write_line(time.monotonic())
 
 
 class RemoteProgress:

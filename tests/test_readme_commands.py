@@ -85,6 +85,9 @@ def test_readme_first_command_works_in_a_fresh_clone(tmp_path):
         assert rows > 0, f"no rows under {dataset}:\n{_summary(output)}\n{_error_messages(dataset.parent)}"
         noisy = [line for line in output.splitlines() if _is_ray_or_error_line(line)]
         assert not noisy, "the demo's console shows Ray log lines or error-level lines:\n" + "\n".join(noisy[:10])
+        # Without a terminal (CI, a cluster job's log) progress is plain lines: no redraws, no cursor moves.
+        redraws = [line for line in output.split("\n") if "\r" in line or "\x1b[" in line]
+        assert not redraws, "the demo's console redraws in a log:\n" + "\n".join(map(repr, redraws[:5]))
         print(f"{command} in a fresh clone: {time.monotonic() - began:.0f} s, {rows} rows in {len(parquet)} files")
     finally:
         # A fresh .venv holds several GB (torch); pytest keeps the last tmp dirs, so drop it now.

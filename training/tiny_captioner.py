@@ -142,8 +142,18 @@ def build_tiny_captioner(out_dir: str | Path, *, train_steps: int = 120, seed: i
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     _train(model, processor, scenes, train_steps, rng)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a one-step "Writing model shards" bar on the demo's console (a log file shows it
+    # as carriage-return garbage); the log line below says the same.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     marker.write_text(json.dumps({"train_steps": train_steps, "seed": seed, "parameters": model.num_parameters()}))
     logger.info("tiny captioner (%d parameters) saved to %s", model.num_parameters(), out)
     return out

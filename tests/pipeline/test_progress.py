@@ -49,6 +49,32 @@ def test_in_process_bar_ends_with_item_totals(tmp_path, capsys):
     assert not storage.list("_running/")  # the in-progress record is gone once the stage ends
 
 
+def test_without_a_terminal_progress_is_plain_lines(capsys):
+    """A log file (CI, a cluster job) got tqdm's carriage returns and, with a pipelined run's bars open at
+    once, cursor-up escapes; without a terminal each stage now writes plain lines instead."""
+    crawl = ItemProgress("crawl", 2, True, position=0, interactive=False)
+    segment = ItemProgress("segment", 2, True, position=1, interactive=False)
+    for bar in (crawl, segment):
+        bar.on_batch("input", 5, 0, 0)
+        bar.on_batch("process", 5, 4, 1)
+    crawl.note("crawl: shard aaaa-00001 failed: disk full")
+    crawl.mark_failed(1)
+    for bar in (crawl, segment):
+        bar.close()
+    silent = ItemProgress("caption", 2, False, interactive=False)
+    silent.on_batch("process", 5, 4, 1)
+    silent.close()
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err, repr(err)
+    lines = err.splitlines()
+    # One line at the first batch of each stage (then at most one per interval), the note, a last line each.
+    assert lines[0].startswith("crawl: 5/10 items (50%)") and "images=4, errors=1" in lines[0], lines
+    assert lines[1].startswith("segment: 5/10 images (50%)") and "regions=4, errors=1" in lines[1], lines
+    assert lines[2] == "crawl: shard aaaa-00001 failed: disk full"
+    assert lines[3].startswith("crawl: 5/10 items") and lines[3].endswith("errors=1, failed shards=1]"), lines
+    assert lines[4].startswith("segment: 5/10 images") and len(lines) == 5, lines
+
+
 def test_ray_workers_report_through_the_progress_actor(ray_local):
     progress = ItemProgress("caption", num_shards=2, enabled=False)
 
@@ -63,7 +89,7 @@ def test_ray_workers_report_through_the_progress_actor(ray_local):
         while progress.counts.items < 10 and time.monotonic() < deadline:
             time.sleep(0.2)
     assert (progress.counts.items, progress.counts.outputs, progress.counts.errors) == (10, 30, 2)
-    assert progress.bar.total == 10
+    assert progress.total == 10
 
 
 def test_a_healthy_ray_actor_pool_run_prints_no_error_line(ray_local, tmp_path, capfd):
