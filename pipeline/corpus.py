@@ -32,10 +32,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
-from tqdm import tqdm
 
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.progress import ItemProgress
 from ps3_engine.pipeline.provenance import extra_columns_arrays, extra_columns_schema, schema_description
 from ps3_engine.schemas import CORPUS_SCHEMA
 from ps3_engine.schemas.corpus import (
@@ -276,16 +276,20 @@ def build_corpus(
 
         write = ray.remote(num_cpus=1)(write_output_shard)
         pending = [write.remote(storage, shard) for shard in plan]
-        written = []
-        with tqdm(total=len(plan), desc="corpus shards", unit="shard", disable=not progress) as bar:
-            for ref in pending:
-                written.append(ray.get(ref))
-                bar.update(1)
+        results = (ray.get(ref) for ref in pending)
     else:
-        written = [
-            write_output_shard(storage, shard)
-            for shard in tqdm(plan, desc="corpus shards", unit="shard", disable=not progress)
-        ]
+        results = (write_output_shard(storage, shard) for shard in plan)
+    # Counted in images like the stages (not in packed shards), plain lines without a terminal.
+    bar = ItemProgress("pack", len(plan), progress)
+    for shard in plan:
+        size = sum(len(piece.indices) for piece in shard.slices)
+        bar.on_batch("input", size, 0, 0)
+    written = []
+    for shard, result in zip(plan, results, strict=True):
+        written.append(result)
+        size = sum(len(piece.indices) for piece in shard.slices)
+        bar.on_batch("process", size, size, 0)
+    bar.close()
     manifest = _manifest(written, fingerprint, fingerprints, config, extra)
     # The manifest switches readers to the new build; only then do the old build's files go.
     storage.write_json_atomic(MANIFEST_KEY, manifest)

@@ -29,6 +29,7 @@ UNITS: dict[str, tuple[str, str]] = {
     "corpus": ("images", "rows"),
     "render": ("PDFs", "pages"),
     "document-corpus": ("pages", "rows"),
+    "pack": ("images", "rows"),  # build-corpus packing the per-shard corpus rows into dataset shards
 }
 POLL_INTERVAL_S = 0.5
 # rate_noinv_fmt: always "N images/s" (tqdm would switch to "s/ images" below one item a second).
