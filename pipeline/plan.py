@@ -91,18 +91,25 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
                 plan.recompute[shard_id] = reason
         upstream = set(plan.recompute)
         plans.append(plan)
-    render = _plan_documents(layout, config, fingerprints, forced, plans[-1])
+    render = _plan_documents(layout, config, fingerprints, forced, "render" in force, plans[-1])
     if render is not None:  # before build-corpus, as a run computes them
         plans.insert(len(plans) - 1, render)
     return plans
 
 
 def _plan_documents(
-    layout: RunLayout, config: RunConfig, fingerprints: dict[str, str], forced: set[str], corpus: StagePlan
+    layout: RunLayout,
+    config: RunConfig,
+    fingerprints: dict[str, str],
+    forced: set[str],
+    force_render: bool,
+    corpus: StagePlan,
 ) -> StagePlan | None:
     """The render plan, and the pages' corpus shards added to ``corpus`` (None: no document branch).
 
     Before, plan left the document branch out: a changed render setting showed nothing to compute.
+    ``force_render``: ``--force render`` was given (a run then recomputes every render shard; the image
+    stages' ``forced`` leaves render out when an image stage is forced too).
     """
     manifests = layout.manifests(RENDER_STAGE) if config.document_sources or not config.sources else {}
     if config.document_sources:
@@ -113,7 +120,11 @@ def _plan_documents(
         return None
     plan = StagePlan(RENDER_STAGE, len(tasks))
     for task in tasks:
-        reason = _reason(layout, task, fingerprints[RENDER_STAGE], manifests.get(task.shard_id))
+        reason = (
+            "forced"
+            if force_render
+            else _reason(layout, task, fingerprints[RENDER_STAGE], manifests.get(task.shard_id))
+        )
         if reason:
             plan.recompute[task.shard_id] = reason
     pages = {t.shard_id: t for t in plan_document_corpus(layout)}

@@ -362,6 +362,10 @@ def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_c
     dpi = config.model_copy(update={"render": config.render.model_copy(update={"dpi": 100.0})})
     plans = {plan.stage: plan.reasons for plan in plan_run(dpi)}
     assert plans["render"] == {"config changed": 1} and plans["build-corpus"] == {"upstream shard recomputes": 1}
+    # --force render: plan says what the run does (every render shard, the pages' corpus shards after it).
+    forced = {plan.stage: plan for plan in plan_run(config, force=frozenset({"render"}))}
+    assert forced["render"].reasons == {"forced": 1} and not forced["caption"].recompute
+    assert forced["build-corpus"].reasons == {"forced": forced["build-corpus"].shards}
     # trace finds a page's region too (before: "region ... is in no segment shard of this run").
     page = next(r for r in rows if r["source_type"] == "document")
     trace = trace_region(RunLayout(Storage(str(root))), page["regions"][0]["region_id"])
