@@ -14,7 +14,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -65,18 +65,6 @@ class ExecutorConfig(BaseModel):
     )
 
 
-def _task_from_row(row: dict[str, Any]) -> ShardTask:
-    fields = json.loads(row["task"])
-    return ShardTask(
-        **{
-            **fields,
-            "input_shards": tuple(fields["input_shards"]),
-            "exclude_item_ids": tuple(fields["exclude_item_ids"]),
-            "side_input_keys": tuple(fields.get("side_input_keys", ())),
-        }
-    )
-
-
 class ShardWorker:
     """Builds the stage once (``setup`` included) and runs shard tasks; used by both executors."""
 
@@ -93,7 +81,7 @@ class ShardWorker:
         return run_shard(self.stage, self.layout, task, self.fingerprint, prepared=prepared, on_batch=self.progress)
 
     def _run_row(self, row: dict[str, Any]) -> ShardReport:
-        task = _task_from_row(row)
+        task = ShardTask.from_json(row["task"])
         if "prepared" not in row:
             return self.run(task)
         if row["failure"]:
@@ -227,7 +215,7 @@ class RayDataExecutor:
         import ray
         import ray.data
 
-        rows = [{"task": json.dumps(asdict(t))} for t in tasks]
+        rows = [{"task": t.to_json()} for t in tasks]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         remote_args: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
         if resources.memory_bytes:
@@ -328,7 +316,7 @@ def _prepare_tasks(
         k: [] for k in ("task", "prepared", "prepared_errors", "input_rows", "prepare_s", "failure")
     }
     for task_json in batch["task"]:
-        prepared = prepare_payload(stage, layout, _task_from_row({"task": task_json}), progress)
+        prepared = prepare_payload(stage, layout, ShardTask.from_json(task_json), progress)
         for key, value in zip(columns, (task_json, *prepared), strict=True):
             columns[key].append(value)
     return {key: np.array(values, dtype=object) for key, values in columns.items()}

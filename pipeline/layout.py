@@ -24,6 +24,7 @@ request per file. The runner folds new manifests into the index when a stage exe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -62,6 +63,18 @@ class ShardTask:
     # Further inputs the stage joins onto ``input_key`` (e.g. the crawl shard holding a region shard's
     # images); their checksums are folded into ``input_checksum`` by the planner.
     side_input_keys: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """The task as one JSON string (a Ray Data row's ``task`` column)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardTask:
+        """The inverse of :meth:`to_json` (JSON lists back to tuples)."""
+        fields = json.loads(text)
+        for name in ("input_shards", "exclude_item_ids", "side_input_keys"):
+            fields[name] = tuple(fields.get(name, ()))
+        return cls(**fields)
 
 
 class RunLayout:

@@ -31,7 +31,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,16 +71,12 @@ COLUMNS = ("shard_id", "task", "reports")
 
 
 def task_to_json(task: ShardTask | None) -> str:
-    return json.dumps(asdict(task)) if task is not None else ""
+    """A row's ``task``: "" once the chain has ended for the shard."""
+    return task.to_json() if task is not None else ""
 
 
 def task_from_json(text: str) -> ShardTask | None:
-    if not text:
-        return None
-    fields = json.loads(text)
-    for name in ("input_shards", "exclude_item_ids", "side_input_keys"):
-        fields[name] = tuple(fields.get(name, ()))
-    return ShardTask(**fields)
+    return ShardTask.from_json(text) if text else None
 
 
 def next_task(layout: RunLayout, stage: str, shard_id: str) -> ShardTask | None:
