@@ -331,12 +331,7 @@ class PipelinedRun:
         return ItemProgress(stage, len(self.tasks), self.config.executor.progress, position=position)
 
     def gate(self) -> DedupGate:
-        planned = [t.shard_id for t in self.tasks]
-        committed = sorted(self.layout.manifests("crawl"))
-        crawl = self.config.crawl
-        return DedupGate(
-            self.layout.storage, planned, committed, crawl.dedup, crawl.near_dup_max_distance, crawl.dedup_wave_shards
-        )
+        return DedupGate(*self._gate_args(self.tasks))
 
     def reports(self) -> Iterator[ShardReport]:
         if not self.tasks:
@@ -483,6 +478,7 @@ class PipelinedRun:
         return dataset
 
     def _gate_args(self, tasks: list[ShardTask]) -> tuple:
+        """:class:`DedupGate`'s arguments with ``tasks`` as the planned shards (in process, or a Ray actor)."""
         crawl = self.config.crawl
         planned = [t.shard_id for t in tasks]
         committed = sorted(self.layout.manifests("crawl"))
