@@ -9,6 +9,12 @@ must appear in the stage's output or in its errors table, and nothing may appear
 * caption: regions (and one global request per image) -> caption rows + error rows; an image whose
   decode failed covers all its requests with one error row;
 * corpus: images with regions -> corpus rows + error rows; the packed dataset holds each corpus row once.
+
+A shard whose recorded input checksum is not the one its input gives now (the crawl shard was retried
+or an earlier stage rerun; a crawl input was re-planned and not crawled yet) is not compared: it is
+reported as ``stale`` (waiting for a rerun of its stage), as its items would differ from the new input's
+without any being lost. The expected checksums come from the runner's own task builders, so the check
+and a rerun agree on what is stale.
 """
 
 from __future__ import annotations
@@ -17,12 +23,23 @@ from collections import Counter
 
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
 from ps3_engine.pipeline.documents import check_documents
-from ps3_engine.pipeline.gaps import Gap
+from ps3_engine.pipeline.gaps import Gap, read_planned, stale_gap
 from ps3_engine.pipeline.gaps import compare_items as _compare
 from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout
+from ps3_engine.pipeline.runner import STAGE_SHARDS, caption_task, corpus_task, segment_task
 
 __all__ = ["Gap", "check_run"]
+
+_COMMAND = {shards: command for command, shards in STAGE_SHARDS.items()}  # "corpus" -> "build-corpus"
+
+
+def _is_stale(stage: str, shard: str, recorded: str, current: str, gaps: list[Gap]) -> bool:
+    """Whether a shard was computed from another input than its upstream gives now (then a stale gap)."""
+    if recorded == current:
+        return False
+    gaps.append(stale_gap(stage, shard, _COMMAND[stage]))
+    return True
 
 
 def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
@@ -37,12 +54,15 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         if entry is None:
             gaps.append(Gap("crawl", shard, "missing_shard", 1, (shard,)))
             continue
-        expected = set(_column(layout, RunLayout.crawl_input_key(shard), "item_id"))
+        expected, planned_checksum = read_planned(layout, RunLayout.crawl_input_key(shard))
         images = layout.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist()
-        errors = _column(layout, entry.errors_key, "item_id")
-        _compare("crawl", shard, expected, [r["item_id"] for r in images] + errors, gaps)
         skipped = set(excluded.get(shard, ()))
         kept_images[shard] = {r["image_id"] for r in images if r["item_id"] not in skipped}
+        # Re-planned (other sources) and not crawled again yet, e.g. a crawl stopped after its planning.
+        if planned_checksum and _is_stale("crawl", shard, entry.input_checksum, planned_checksum, gaps):
+            continue
+        errors = _column(layout, entry.errors_key, "item_id")
+        _compare("crawl", shard, expected, [r["item_id"] for r in images] + errors, gaps)
 
     segment = layout.manifests("segment")
     images_with_regions: dict[str, set[str]] = {}
@@ -57,12 +77,18 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         by_image: dict[str, list[str]] = {}
         for row in regions:
             by_image.setdefault(row["image_id"], []).append(row["region_id"])
+        # Still read when stale: the caption and corpus shards computed from this output are checked
+        # against it (their own checksums say whether they are stale too).
+        images_with_regions[shard] = set(by_image)
+        regions_of[shard] = by_image
+        task = segment_task(shard, crawl[shard], tuple(sorted(excluded.get(shard, ()))))
+        if _is_stale("segment", shard, entry.input_checksum, task.input_checksum, gaps):
+            continue
         region_counts = Counter(r["region_id"] for r in regions)
         duplicated = sorted(k for k, n in region_counts.items() if n > 1)
         if duplicated:
             gaps.append(Gap("segment", shard, "duplicated", len(duplicated), tuple(duplicated[:5])))
         _compare("segment", shard, images, list(by_image) + _column(layout, entry.errors_key, "item_id"), gaps)
-        images_with_regions[shard] = set(by_image)
         regions_of[shard] = by_image
 
     caption = layout.manifests("caption")
@@ -71,6 +97,9 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         if entry is None:
             if caption:
                 gaps.append(Gap("caption", shard, "missing_shard", 1, (shard,)))
+            continue
+        current = caption_task(shard, segment[shard], crawl[shard]).input_checksum
+        if _is_stale("caption", shard, entry.input_checksum, current, gaps):
             continue
         rows = layout.storage.read_parquet(entry.output_key, columns=["image_id", "region_id", "kind"]).to_pylist()
         errors = set(_column(layout, entry.errors_key, "item_id"))
@@ -95,6 +124,10 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
             if corpus:
                 gaps.append(Gap("corpus", shard, "missing_shard", 1, (shard,)))
             continue
+        if shard in caption:  # without its caption shard a corpus shard is compared as it is
+            current = corpus_task(shard, caption[shard], segment[shard], crawl[shard]).input_checksum
+            if _is_stale("corpus", shard, entry.input_checksum, current, gaps):
+                continue
         seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
         _compare("corpus", shard, images, seen, gaps)
 

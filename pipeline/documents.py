@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from ps3_engine.infra.storage import S3Settings
-from ps3_engine.pipeline.gaps import Gap
+from ps3_engine.pipeline.gaps import Gap, read_planned, stale_gap
 from ps3_engine.pipeline.gaps import compare_items as _compare
 from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
@@ -84,7 +84,8 @@ def plan_document_corpus(layout: RunLayout) -> list[ShardTask]:
 
 def check_documents(layout: RunLayout) -> list[Gap]:
     """Conservation of the document branch (``status --check``): every planned PDF left the render stage
-    as page rows and/or error rows, no page twice, and every page left the corpus stage exactly once."""
+    as page rows and/or error rows, no page twice, and every page left the corpus stage exactly once.
+    A pages' corpus shard computed from an earlier render of its shard is reported stale, not compared."""
     gaps: list[Gap] = []
     render = layout.manifests(RENDER_STAGE)
     corpus = layout.manifests(CORPUS_STAGE)
@@ -96,7 +97,10 @@ def check_documents(layout: RunLayout) -> list[Gap]:
         if entry is None:
             gaps.append(Gap(RENDER_STAGE, shard, "missing_shard", 1, (shard,)))
             continue
-        expected = set(_column(layout, render_input_key(shard), "item_id"))
+        expected, planned_checksum = read_planned(layout, render_input_key(shard))
+        if planned_checksum and planned_checksum != entry.input_checksum:  # re-planned, not rendered again yet
+            gaps.append(stale_gap(RENDER_STAGE, shard, "render"))
+            continue
         pages = layout.storage.read_parquet(entry.output_key, columns=["item_id", "page_id"]).to_pylist()
         # A document leaves as several pages, or as pages plus page errors: count each document once.
         seen = {p["item_id"] for p in pages} | set(_column(layout, entry.errors_key, "item_id"))
@@ -109,6 +113,9 @@ def check_documents(layout: RunLayout) -> list[Gap]:
         if corpus_entry is None:
             if corpus:
                 gaps.append(Gap(CORPUS_STAGE, shard, "missing_shard", 1, (shard,)))
+            continue
+        if corpus_entry.input_checksum != entry.output_checksum:  # rendered again since (plan_document_corpus)
+            gaps.append(stale_gap(CORPUS_STAGE, shard, "build-corpus"))
             continue
         out = _column(layout, corpus_entry.output_key, "image_id") + _column(layout, corpus_entry.errors_key, "item_id")
         _compare(CORPUS_STAGE, shard, set(page_ids), out, gaps)

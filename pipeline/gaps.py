@@ -17,12 +17,22 @@ from ps3_engine.pipeline.layout import RunLayout
 class Gap:
     stage: str
     shard_id: str
-    problem: str  # "missing_shard" | "lost" | "duplicated" | "unexpected" | "dataset_mismatch" | "damaged"
+    # "missing_shard" | "lost" | "duplicated" | "unexpected" | "dataset_mismatch" | "damaged" | "stale"
+    problem: str
     count: int
     examples: tuple[str, ...]
 
     def describe(self) -> str:
+        if self.problem == "stale":
+            return f"{self.stage}/{self.shard_id}: its input changed since it was computed; {self.examples[0]}"
         return f"{self.stage}/{self.shard_id}: {self.count} {self.problem} e.g. {', '.join(self.examples[:3])}"
+
+
+def stale_gap(stage: str, shard: str, command: str) -> Gap:
+    """A shard computed from an upstream output that has changed since (``crawl --retry-failed``, a rerun
+    of an earlier stage): it waits for a rerun of ``command``, and its items are not compared, as they
+    would differ from the new input's without any being lost."""
+    return Gap(stage, shard, "stale", 1, (f"rerun {command}",))
 
 
 def compare_items(stage: str, shard: str, expected: set[str], seen: list[str], gaps: list[Gap]) -> None:
@@ -34,6 +44,13 @@ def compare_items(stage: str, shard: str, expected: set[str], seen: list[str], g
     for problem, items in (("lost", lost), ("duplicated", duplicated), ("unexpected", unexpected)):
         if items:
             gaps.append(Gap(stage, shard, problem, len(items), tuple(items[:5])))
+
+
+def read_planned(layout: RunLayout, key: str) -> tuple[set[str], str]:
+    """The item ids of a planned input shard (crawl, render) and the checksum the planner stored with them."""
+    table = layout.storage.read_parquet(key, columns=["item_id"])
+    checksum = (table.schema.metadata or {}).get(b"input_checksum", b"").decode()
+    return set(table.column("item_id").to_pylist()), checksum
 
 
 def read_column(layout: RunLayout, key: str, column: str) -> list:
