@@ -232,7 +232,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
         check_overrides(args.overrides)
         config = load_run_config(None, list(args.overrides), **_snapshot_config(args.retry_failed))
         attach_run_log(config.run_root)
-        return _print_results(config, [run_crawl(config, retry_failed=True)])
+        result = run_crawl(config, retry_failed=True)
+        if not (result.computed_shards or result.failed_shards):  # a retried shard is one or the other
+            print(f"[crawl] nothing to retry: {config.run_root} records no transient failure (5xx, 429, timeouts)")
+            return 0
+        return _print_results(config, [result])
     fields = {command.input_field: args.input or None} if command.input_field else {}
     config = _load(args, **fields)
     return _print_results(config, [command.runner(config, force=args.force)])

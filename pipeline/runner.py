@@ -318,13 +318,50 @@ def run_crawl(config: RunConfig, *, retry_failed: bool = False, force: bool = Fa
         # commands given that run root would take for a run and continue from.
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     layout = open_run(config)
-    tasks = _retry_tasks(layout) if retry_failed else plan_run_crawl(layout, config)
-    reports = _execute(config, layout, "crawl", tasks, force=force and not retry_failed)
-    return _finish_crawl(config, layout, tasks, reports, started)
+    if retry_failed:
+        return _retry_crawl(config, layout, started)
+    tasks = plan_run_crawl(layout, config)
+    reports = _execute(config, layout, "crawl", tasks, force=force)
+    return _finish_crawl(config, layout, len(tasks), reports, started)
+
+
+def _retry_crawl(config: RunConfig, layout: RunLayout, started: float) -> StageRunResult:
+    """``crawl --retry-failed``: recrawl the shards holding transient failures.
+
+    The summary counts every committed crawl shard, the others as already done, as a plain rerun's does
+    (before, its crawl entry counted only the retried shards). With nothing to retry nothing runs and
+    nothing is written: before, the summary's crawl entry was replaced by one of zero shards and items.
+    The result then has no computed and no failed shard (a retried shard is always one or the other).
+    """
+    tasks = _retry_tasks(layout)
+    committed = layout.manifests("crawl")
+    if tasks:
+        reports = _execute(config, layout, "crawl", tasks)
+        return _finish_crawl(config, layout, len(committed), reports, started)
+    logger.info("crawl: nothing to retry (no transient failure recorded in %s)", config.run_root)
+    output_rows = sum(entry.output_rows for entry in committed.values())
+    by_reason: dict[str, Counter[str]] = {"failed": Counter(), "filtered": Counter()}
+    for (category, reason), rows in layout.error_counts("crawl").items():
+        by_reason.setdefault(category, Counter())[reason] += rows
+    return StageRunResult(
+        stage="crawl",
+        planned_shards=len(committed),
+        skipped_shards=len(committed),
+        computed_shards=0,
+        failed_shards=[],
+        input_rows=0,
+        output_rows=output_rows,
+        error_rows=sum(sum(reasons.values()) for reasons in by_reason.values()),
+        wall_s=time.perf_counter() - started,
+        busy_s=0.0,
+        kept_rows=output_rows - len(layout.dropped_item_ids()),
+        errors_by_reason=dict(by_reason["failed"]),
+        filtered_by_reason=dict(by_reason["filtered"]),
+    )
 
 
 def _finish_crawl(
-    config: RunConfig, layout: RunLayout, tasks: list[ShardTask], reports: list[ShardReport], started: float
+    config: RunConfig, layout: RunLayout, planned: int, reports: list[ShardReport], started: float
 ) -> StageRunResult:
     """The run's dedup over the committed crawl shards, then the crawl's summary."""
     if config.crawl.dedup:
@@ -339,7 +376,7 @@ def _finish_crawl(
         layout,
         "crawl",
         reports,
-        len(tasks),
+        planned,
         time.perf_counter() - started,
         _last_workers.get("crawl", 1),
         kept_rows=dedup.kept if dedup else None,
@@ -484,7 +521,7 @@ def run_pipelined(config: RunConfig, force: frozenset[str] = frozenset()) -> lis
     _last_workers.update(outcome["workers"])
     chain = ChainResult(started, outcome["reports"], outcome["seen"])
     crawl_reports = _execute_after(config, layout, "crawl", tasks, "crawl" in forced, chain)
-    results = [_finish_crawl(config, layout, tasks, crawl_reports, started)]
+    results = [_finish_crawl(config, layout, len(tasks), crawl_reports, started)]
     results.append(run_segment(config, force="segment" in forced, chain=chain))
     results.append(run_caption(config, force="caption" in forced, chain=chain))
     if config.document_sources:

@@ -69,7 +69,7 @@ def test_crawl_then_status_then_rerun(zoo, tmp_path, capsys):
     assert main(argv) == 0
     assert "0 computed, 1 already done" in capsys.readouterr().out
     assert main(["crawl", "--retry-failed", run_root, "--set", "executor.kind=local"]) == 0
-    assert "0 computed" in capsys.readouterr().out  # 404 and too_small are not transient
+    assert "nothing to retry" in capsys.readouterr().out  # 404 and too_small are not transient
 
 
 def test_status_of_a_non_run_is_an_error(tmp_path, capsys):
