@@ -13,6 +13,12 @@ waves before it are read back from their files, the changed and new ones compute
 ``benchmarks/scale.py sweep --size 1000000 --waves 1 16 256 4096`` times the in-memory decision alone
 (one near-edge search, then the union-find sweep) for one row set cut into more and more waves.
 
+``benchmarks/scale.py stream --size 10000000 --wave-rows 16384`` times the streaming gate's decision
+(``DedupState.add_wave``, in memory) wave by wave as the decided rows grow: the mean per-wave wall and
+CPU in windows of waves, so that growth with the rows already decided shows; ``--check`` compares the
+result with the one-shot sweep; ``--compare COMMIT --compare-rows N`` runs that commit's
+``pipeline/dedup_sweep.py`` (read with ``git show``) on the first N rows in the same process.
+
 Rows: 80% distinct random pHashes, 8% near variants of them (1-6 random bit flips, so some are beyond the
 distance), 2% blank images (distinct bytes; pHash 0, or 1-2 bits set for a quarter of them: a dense group
 in every table), 10% byte copies of earlier images; then shuffled. (tests/pipeline/test_dedup_scale.py
@@ -22,6 +28,7 @@ checks denser groups, e.g. thousands of distinct pHashes of popcount <= 4, for e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import resource
@@ -30,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine_description, replace_doc_section
 from ps3_engine.infra.storage import Storage
 from ps3_engine.pipeline.dedup import HASH_COLUMNS, run_dedup
-from ps3_engine.pipeline.dedup_sweep import solve_waves
+from ps3_engine.pipeline.dedup_sweep import DedupState, solve_waves
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.schemas import ERROR_SCHEMA
 from ps3_engine.schemas.image import IMAGE_SCHEMA
@@ -201,6 +210,68 @@ def sweep(size: int, wave_counts: list[int], max_distance: int) -> None:
         )
 
 
+def _sweep_module_at(commit: str) -> Any:
+    """``pipeline/dedup_sweep.py`` as it was at ``commit``, loaded as a module (for a before/after run)."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(
+        ["git", "show", f"{commit}:pipeline/dedup_sweep.py"], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
+    module = types.ModuleType(f"dedup_sweep_{commit}")
+    exec(compile(source, f"{commit}:pipeline/dedup_sweep.py", "exec"), module.__dict__)
+    return module
+
+
+def _stream_waves(state: Any, columns: tuple, wave_rows: int, windows: int) -> list[tuple[int, int, float, float]]:
+    """Decide waves one by one; per window ``(first wave, waves, mean wall s, mean CPU s)``."""
+    words, phash, pixels, num_bytes = columns
+    size = phash.size
+    num_waves = -(-size // wave_rows)
+    bounds = np.linspace(0, num_waves, windows + 1).astype(int)
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        if hi <= lo:
+            continue
+        wall, cpu = time.perf_counter(), time.process_time()
+        for k in range(lo, hi):
+            a, b = k * wave_rows, min((k + 1) * wave_rows, size)
+            state.add_wave(words[a:b], phash[a:b], pixels[a:b], num_bytes[a:b])
+        out.append((lo, hi - lo, (time.perf_counter() - wall) / (hi - lo), (time.process_time() - cpu) / (hi - lo)))
+    return out
+
+
+def stream(args: argparse.Namespace) -> None:
+    """In memory: the streaming gate's per-wave decision cost as the decided rows grow."""
+    rows = synthetic_hashes(args.size, seed=args.size)
+    words = np.zeros((args.size, 4), np.uint64)
+    words[:, 0] = rows["image"].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # odd: a bijection
+    pixels = rows["width"].astype(np.int64) * rows["height"]
+    columns = (words, rows["phash"], pixels, rows["num_bytes"].astype(np.int64))
+    header = "| code | rows decided before the window | waves in window | mean wall per wave (ms) | mean CPU (ms) |"
+    sys.stdout.write(header + "\n|---|---:|---:|---:|---:|\n")
+    variants = [("this commit", DedupState, args.size)]
+    if args.compare:
+        variants.append((args.compare, _sweep_module_at(args.compare).DedupState, args.compare_rows or args.size))
+    for name, state_type, size in variants:
+        state = state_type(args.max_distance)
+        part = tuple(column[:size] for column in columns)
+        total = time.perf_counter()
+        for first, count, wall, cpu in _stream_waves(state, part, args.wave_rows, args.windows):
+            decided = first * args.wave_rows
+            sys.stdout.write(f"| {name} | {decided:,} | {count} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} |\n")
+        sys.stdout.write(
+            f"\n{name}: {size:,} rows in waves of {args.wave_rows:,}: {time.perf_counter() - total:.1f} s wall, "
+            f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB\n\n"
+        )
+        if args.check and name == "this commit":
+            wave = np.arange(size, dtype=np.int64) // args.wave_rows
+            expected, _ = solve_waves(*part, wave, args.max_distance)
+            same = np.array_equal(np.asarray(state.representative), expected)
+            sys.stdout.write(f"check against the one-shot sweep: {'identical' if same else 'DIFFERENT'}\n\n")
+            if not same:
+                raise SystemExit(1)
+        del state
+
+
 def main() -> None:
     if sys.argv[1:2] == ["state"]:  # status and plan on a finished run on S3: benchmarks/scale_state.py
         from benchmarks.scale_state import main as state_main
@@ -220,6 +291,14 @@ def main() -> None:
     waves.add_argument("--size", type=int, default=1_000_000)
     waves.add_argument("--waves", type=int, nargs="+", default=[1, 16, 256, 4096])
     waves.add_argument("--max-distance", type=int, default=4)
+    streamed = sub.add_parser("stream", help="streaming gate: per-wave decision cost as decided rows grow")
+    streamed.add_argument("--size", type=int, default=3_000_000)
+    streamed.add_argument("--wave-rows", type=int, default=16_384, help="rows per wave (64 shards of 256)")
+    streamed.add_argument("--windows", type=int, default=5, help="windows of waves to report")
+    streamed.add_argument("--max-distance", type=int, default=4)
+    streamed.add_argument("--check", action="store_true", help="compare with the one-shot sweep")
+    streamed.add_argument("--compare", default=None, help="also run pipeline/dedup_sweep.py of this commit")
+    streamed.add_argument("--compare-rows", type=int, default=None, help="rows for the --compare run")
     one = sub.add_parser("child", help=argparse.SUPPRESS)
     one.add_argument("--root", required=True)
     one.add_argument("--max-distance", type=int, required=True)
@@ -227,6 +306,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "child":
         child(args.root, args.max_distance, args.wave_shards)
+        return
+    if args.command == "stream":
+        stream(args)
         return
     if args.command == "sweep":
         sys.stdout.write("| rows | waves | wall (s) | CPU (s) | rows dropped |\n|---:|---:|---:|---:|---:|\n")

@@ -41,10 +41,13 @@ deleted. ``crawl/_dedup/dropped.parquet`` (crawl error rows, category ``filtered
 
 Cost. :func:`run_dedup` searches near pairs once over all rows (edges ranked by the wave of their
 later endpoint) and sweeps the waves with a union-find (``pipeline/dedup_sweep.py``): O(N log N) in
-all, not per wave. :meth:`WaveDedup.decide` (the streaming path) costs O(N log N) per wave, N being
-the rows decided so far. Memory: about 100 bytes per row of compact columns (sha256 as 32 bytes,
-pHash, pixels, bytes, positions); item ids and references are read per wave, and held only for the
-dropped rows and their representatives when the drop table is written.
+all, not per wave. :meth:`WaveDedup.decide` (the streaming path) decides a wave of B rows through
+indexes kept as runs of the logarithmic method (``pipeline/dedup_index.py``): O(B log^2 N) plus the
+near-duplicate candidates it verifies, N being the rows decided so far, so a streamed run costs
+about what the one-shot sweep costs, not O(K N log N) over K waves. Memory: about 100 bytes per row
+of compact columns (sha256 as 32 bytes, pHash, pixels, bytes, positions); item ids and references
+are read per wave, and held only for the dropped rows and their representatives when the drop
+table is written.
 """
 
 from __future__ import annotations
@@ -308,7 +311,8 @@ class WaveDedup:
 
     The streaming run calls :meth:`decide` once per wave, in key order, as each wave's crawl shards
     commit; :func:`run_dedup` later finds every wave persisted and only writes the drop table. The
-    state holds about 100 bytes per decided row.
+    state holds about 100 bytes per decided row of columns, plus about 50 bytes per distinct pHash
+    of indexes; a wave costs about its own size (see :class:`~ps3_engine.pipeline.dedup_sweep.DedupState`).
     """
 
     def __init__(self, layout: RunLayout, max_distance: int, wave_shards: int) -> None:

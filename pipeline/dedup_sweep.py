@@ -19,6 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ps3_engine.pipeline.dedup_index import Buffer, NearIndex, SortedRuns
 from ps3_engine.pipeline.near_dup import near_edges
 
 
@@ -56,13 +57,6 @@ def digest_groups(sha_words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return group.reshape(-1).astype(np.int64), first.astype(np.int64)
 
 
-def row_nodes(sha_words: np.ndarray, phash: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(node values uint64[m] sorted, node per row int64[n], digest group per row int64[n])``."""
-    group, first = digest_groups(sha_words)
-    values, node_of_group = np.unique(phash[first], return_inverse=True)
-    return values, node_of_group.reshape(-1)[group].astype(np.int64), group
-
-
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """``np.unique`` by a sort: numpy 2.4's hash-based ``np.unique`` (no return flags) is ~20x slower here."""
     ordered = np.sort(values.reshape(-1))
@@ -85,16 +79,25 @@ class WaveSweep:
     """Union-find over nodes holding each component's best kept row; decides one wave at a time."""
 
     def __init__(self, num_nodes: int) -> None:
-        self.parent = np.arange(num_nodes, dtype=np.int64)
-        self.size = np.ones(num_nodes, np.int64)
-        self.best = np.full(num_nodes, -1, np.int64)
+        self.num_nodes = 0
+        self.parent = np.empty(0, np.int64)
+        self.size = np.empty(0, np.int64)
+        self.best = np.empty(0, np.int64)
+        self.grow(num_nodes)
 
     def grow(self, num_nodes: int) -> None:
-        """Add singleton nodes up to ``num_nodes`` (new pHashes of a streamed wave)."""
-        start = self.parent.size
-        self.parent = np.concatenate([self.parent, np.arange(start, num_nodes, dtype=np.int64)])
-        self.size = np.concatenate([self.size, np.ones(num_nodes - start, np.int64)])
-        self.best = np.concatenate([self.best, np.full(num_nodes - start, -1, np.int64)])
+        """Add singleton nodes up to ``num_nodes`` (new pHashes of a streamed wave).
+
+        The arrays keep spare capacity (doubling), so a run of streamed waves copies them O(log N)
+        times, not once per wave; entries past ``num_nodes`` are singletons never referenced.
+        """
+        capacity = self.parent.size
+        if num_nodes > capacity:
+            grown = max(num_nodes, 2 * capacity)
+            self.parent = np.concatenate([self.parent, np.arange(capacity, grown, dtype=np.int64)])
+            self.size = np.concatenate([self.size, np.ones(grown - capacity, np.int64)])
+            self.best = np.concatenate([self.best, np.full(grown - capacity, -1, np.int64)])
+        self.num_nodes = max(self.num_nodes, num_nodes)
 
     def find(self, nodes: np.ndarray) -> np.ndarray:
         """Root of each node, compressing the paths of the queried nodes (union by size keeps depth log n)."""
@@ -161,24 +164,62 @@ class DedupState:
     """The decided rows (compact columns, canonical order) and the union-find over their nodes.
 
     Built over a prefix of waves at once (:meth:`from_waves`: one near-edge search, then a sweep),
-    then extended one streamed wave at a time (:meth:`add_wave`: O(N log N) per wave, since the digest
-    grouping, the node lookup and the permuted tables touch every decided row).
+    then extended one streamed wave at a time (:meth:`add_wave`). A streamed wave of B rows costs
+    O(B log^2 N) plus its near-duplicate candidates, N being the rows decided so far: the digest,
+    node and near-duplicate lookups go through indexes kept as runs (``pipeline/dedup_index.py``),
+    built once over the decided rows on the first :meth:`add_wave`, and the columns grow with spare
+    capacity. Memory: about 100 bytes per row of columns, and about 50 bytes per distinct pHash of
+    indexes once streaming.
     """
 
     def __init__(self, max_distance: int) -> None:
         self.max_distance = max_distance
-        self.sha_words = np.empty((0, 4), np.uint64)
-        self.phash = np.empty(0, np.uint64)
-        self.pixels = np.empty(0, np.int64)
-        self.num_bytes = np.empty(0, np.int64)
-        self.representative = np.empty(0, np.int64)
-        self.group = np.empty(0, np.int64)
-        self.values = np.empty(0, np.uint64)  # node pHash by node id
+        self._sha_words = Buffer(np.uint64, width=4)
+        self._phash = Buffer(np.uint64)
+        self._pixels = Buffer(np.int64)
+        self._num_bytes = Buffer(np.int64)
+        self._representative = Buffer(np.int64)
+        self._group = Buffer(np.int64)  # digest group per row (equal: byte copies)
+        self._group_first = Buffer(np.int64)  # first row of each digest group
+        self._values = Buffer(np.uint64)  # node pHash by node id
         self.sweep = WaveSweep(0)
+        # Built on the first add_wave (run_dedup's one-shot sweep never needs them).
+        self._digests: SortedRuns | None = None
+        self._digest_collisions: dict[bytes, int] = {}
+        self._nodes: SortedRuns | None = None
+        self._near: NearIndex | None = None
 
     @property
     def num_rows(self) -> int:
-        return self.phash.size
+        return self._phash.size
+
+    @property
+    def sha_words(self) -> np.ndarray:
+        return self._sha_words.view
+
+    @property
+    def phash(self) -> np.ndarray:
+        return self._phash.view
+
+    @property
+    def pixels(self) -> np.ndarray:
+        return self._pixels.view
+
+    @property
+    def num_bytes(self) -> np.ndarray:
+        return self._num_bytes.view
+
+    @property
+    def representative(self) -> np.ndarray:
+        return self._representative.view
+
+    @property
+    def group(self) -> np.ndarray:
+        return self._group.view
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values.view
 
     @classmethod
     def from_waves(
@@ -198,15 +239,26 @@ class DedupState:
             max_distance: pHash Hamming distance that links two images.
         """
         state = cls(max_distance)
-        state.sha_words, state.phash, state.pixels, state.num_bytes = sha_words, phash, pixels, num_bytes
         num_rows = phash.size
         if num_rows == 0:
             return state
-        state.values, node_of_row, state.group = row_nodes(sha_words, phash)
-        first_row = np.full(state.values.size, num_rows, np.int64)
+        group, group_first = digest_groups(sha_words)
+        values, node_of_group = np.unique(phash[group_first], return_inverse=True)
+        node_of_row = node_of_group.reshape(-1)[group].astype(np.int64)
+        for buffer, data in (
+            ("_sha_words", sha_words),
+            ("_phash", phash),
+            ("_pixels", pixels),
+            ("_num_bytes", num_bytes),
+            ("_group", group),
+            ("_group_first", group_first),
+            ("_values", values),
+        ):
+            setattr(state, buffer, Buffer.of(data))
+        first_row = np.full(values.size, num_rows, np.int64)
         np.minimum.at(first_row, node_of_row, np.arange(num_rows))
         rank = wave[first_row].astype(np.int64)
-        edges = near_edges(state.values, max_distance, rank=rank)
+        edges = near_edges(values, max_distance, rank=rank)
         # Edges of weight r arrive with wave r: the sweep adds them in that order.
         weight = np.maximum(rank[edges[0]], rank[edges[1]])
         order = np.argsort(weight, kind="stable")
@@ -214,42 +266,94 @@ class DedupState:
         num_waves = int(wave[-1]) + 1
         row_bounds = np.searchsorted(wave, np.arange(num_waves + 1))
         edge_bounds = np.searchsorted(weight, np.arange(num_waves + 1))
-        state.sweep = WaveSweep(state.values.size)
-        state.representative = np.empty(num_rows, np.int64)
+        state.sweep = WaveSweep(values.size)
+        representative = np.empty(num_rows, np.int64)
         for k in range(num_waves):
             lo, hi = row_bounds[k], row_bounds[k + 1]
-            state.representative[lo:hi] = state.sweep.step(
+            representative[lo:hi] = state.sweep.step(
                 np.arange(lo, hi), node_of_row[lo:hi], edges[:, edge_bounds[k] : edge_bounds[k + 1]], pixels, num_bytes
             )
+        state._representative = Buffer.of(representative)
         return state
+
+    def _build_indexes(self) -> None:
+        """Index the rows decided so far (once, O(N log N)); later waves add to the indexes."""
+        self._digests, self._digest_collisions = SortedRuns(), {}
+        self._add_digests(np.arange(self._group_first.size), self._group_first.view)
+        self._nodes = SortedRuns()
+        self._nodes.add(self.values, np.arange(self.values.size))
+        self._near = NearIndex(self.max_distance)
+        self._near.add(self.values, np.arange(self.values.size))
+
+    def _add_digests(self, groups: np.ndarray, first_rows: np.ndarray) -> None:
+        """Index new digest groups by their sha256's first word; first-word collisions go to a dict."""
+        assert self._digests is not None
+        words = self.sha_words[first_rows]
+        taken = self._digests.find(words[:, 0]) >= 0
+        _, first_of_word = np.unique(words[:, 0], return_index=True)
+        repeated = np.ones(groups.size, bool)
+        repeated[first_of_word] = False
+        collide = taken | repeated
+        self._digests.add(words[~collide, 0], groups[~collide])
+        for index in np.flatnonzero(collide).tolist():
+            self._digest_collisions[words[index].tobytes()] = int(groups[index])
+
+    def _find_digests(self, words: np.ndarray) -> np.ndarray:
+        """Group of each distinct digest ``uint64[n, 4]`` already decided, -1 where none (exact, all words)."""
+        assert self._digests is not None
+        group = self._digests.find(words[:, 0])
+        found = group >= 0
+        held = self.sha_words[self._group_first.view[group[found]]]
+        mismatch = np.flatnonzero(found)[~np.all(held == words[found], axis=1)]
+        group[mismatch] = -1
+        if self._digest_collisions:
+            # Rare: distinct digests sharing a first word (about n^2 / 2^65 of them).
+            for index in np.flatnonzero(group < 0).tolist():
+                group[index] = self._digest_collisions.get(words[index].tobytes(), -1)
+        return group
 
     def add_wave(
         self, sha_words: np.ndarray, phash: np.ndarray, pixels: np.ndarray, num_bytes: np.ndarray
     ) -> np.ndarray:
         """Decide one more wave (rows in canonical order) against every decided row; returns its representatives."""
+        if self._near is None:
+            self._build_indexes()
+        assert self._nodes is not None and self._near is not None
         num_old, num_new = self.num_rows, phash.size
-        self.sha_words = np.concatenate([self.sha_words, sha_words])
-        self.phash = np.concatenate([self.phash, phash])
-        self.pixels = np.concatenate([self.pixels, pixels])
-        self.num_bytes = np.concatenate([self.num_bytes, num_bytes])
-        # Digest groups over all rows: a byte copy of an earlier image takes that image's node.
-        self.group, first = digest_groups(self.sha_words)
-        effective = self.phash[first[self.group[num_old:]]]
+        self._sha_words.append(sha_words)
+        self._phash.append(phash)
+        self._pixels.append(pixels)
+        self._num_bytes.append(num_bytes)
+        # Digest groups: a byte copy of an earlier image joins that image's group (and takes its node).
+        local_group, local_first = digest_groups(np.asarray(sha_words, np.uint64).reshape(-1, 4))
+        group_of_local = self._find_digests(self.sha_words[num_old + local_first])
+        fresh_groups = np.flatnonzero(group_of_local < 0)
+        group_of_local[fresh_groups] = self._group_first.size + np.arange(fresh_groups.size)
+        self._group_first.append(num_old + local_first[fresh_groups])
+        self._add_digests(group_of_local[fresh_groups], num_old + local_first[fresh_groups])
+        row_group = group_of_local[local_group]
+        self._group.append(row_group)
+        effective = self.phash[self._group_first.view[row_group]]
+        # Nodes: a pHash seen before is that node; the others are new nodes, linked to the old ones
+        # through the near index and to each other by one search over the wave's new hashes.
         num_nodes = self.values.size
-        by_value = np.argsort(self.values, kind="stable")
-        at = np.minimum(np.searchsorted(self.values[by_value], effective), max(num_nodes - 1, 0))
-        known = (self.values[by_value[at]] == effective) if num_nodes else np.zeros(num_new, bool)
-        fresh, fresh_of_row = np.unique(effective[~known], return_inverse=True)
-        row_node = np.empty(num_new, np.int64)
-        row_node[known] = by_value[at[known]]
-        row_node[~known] = num_nodes + fresh_of_row.reshape(-1)
-        self.values = np.concatenate([self.values, fresh])
-        is_new = np.arange(self.values.size) >= num_nodes
-        edges = near_edges(self.values, self.max_distance, is_new) if fresh.size else np.empty((2, 0), np.int64)
+        row_node = self._nodes.find(effective)
+        unknown = row_node < 0
+        fresh, fresh_of_row = np.unique(effective[unknown], return_inverse=True)
+        fresh_ids = num_nodes + np.arange(fresh.size)
+        row_node[unknown] = fresh_ids[fresh_of_row.reshape(-1)]
+        edges = np.empty((2, 0), np.int64)
+        if fresh.size:
+            query, old = self._near.query(fresh)
+            inner = near_edges(fresh, self.max_distance) + num_nodes
+            edges = np.concatenate([np.stack([fresh_ids[query], old]), inner], axis=1)
+            self._values.append(fresh)
+            self._nodes.add(fresh, fresh_ids)
+            self._near.add(fresh, fresh_ids)
         self.sweep.grow(self.values.size)
         rows = np.arange(num_old, num_old + num_new)
         representative = self.sweep.step(rows, row_node, edges, self.pixels, self.num_bytes)
-        self.representative = np.concatenate([self.representative, representative])
+        self._representative.append(representative)
         return representative
 
 
