@@ -67,9 +67,10 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
         "--force",
         action="append",
         default=[],
-        choices=STAGE_ORDER,
+        choices=(*STAGE_ORDER, "render"),
         metavar="STAGE",
-        help="recompute every shard of STAGE and of the stages after it (repeatable)",
+        help="recompute every shard of STAGE and of the stages after it that its items go through "
+        "(build-corpus: images' and pages' rows; render: the PDF pages and their rows) (repeatable)",
     )
 
 
@@ -276,11 +277,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load(args, run_log=False, sources=args.input or None)
     plans = plan_run(config, force=frozenset(args.force))
     if args.json:
-        print(json.dumps({p.stage: {"shards": p.shards, "recompute": p.recompute} for p in plans}, indent=2))
+        found = {
+            p.stage: {"shards": p.shards, "recompute": p.recompute, **({"note": p.note} if p.note else {})}
+            for p in plans
+        }
+        print(json.dumps(found, indent=2))
         return 0
     print(f"run root: {config.run_root}")
     for plan in plans:
-        print(f"  {plan.stage:13s} {len(plan.recompute)} of {plan.shards} shards to compute {plan.reasons}")
+        note = f" ({plan.note})" if plan.note else ""
+        print(f"  {plan.stage:13s} {len(plan.recompute)} of {plan.shards} shards to compute {plan.reasons}{note}")
     return 0
 
 

@@ -18,12 +18,12 @@ from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.runner import (
     STAGE_ORDER,
     STAGE_SHARDS,
+    forced_stages,
     open_run,
     plan_caption,
     plan_corpus_rows,
     plan_segment,
     stage_fingerprints,
-    with_dependents,
 )
 from ps3_engine.pipeline.sources import plan_crawl
 
@@ -33,6 +33,7 @@ class StagePlan:
     stage: str
     shards: int
     recompute: dict[str, str] = field(default_factory=dict)  # shard id -> reason
+    note: str | None = None  # what else the user should know about this stage's shards
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -56,7 +57,7 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
     layout = RunLayout(open_run(config).storage, read_only=True)
     layout.prefetch([STAGE_SHARDS[stage] for stage in STAGE_ORDER])
     fingerprints = stage_fingerprints(config)
-    forced = with_dependents(set(force))
+    forced = forced_stages(set(force))  # shard stages
     if config.sources:
         crawl_tasks = plan_crawl(layout, config.sources, config.crawl.shard_size, config.s3, persist=False)
     else:  # plan against the input shards the run already has
@@ -66,7 +67,10 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
                 (RunLayout.crawl_input_key(shard), entry) for shard, entry in layout.manifests("crawl").items()
             )
         ]
-    universe = sorted(t.shard_id for t in crawl_tasks)
+    # Crawl shards of sources this config does not list: a run does not crawl them again, but its later
+    # stages plan from every committed crawl shard, so they belong to the universe (before, left out).
+    kept = set(layout.manifests("crawl")) - {t.shard_id for t in crawl_tasks}
+    universe = sorted({t.shard_id for t in crawl_tasks} | kept)
     planners = {
         "crawl": lambda: crawl_tasks,
         "segment": lambda: plan_segment(layout),
@@ -80,8 +84,12 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
         tasks = {t.shard_id: t for t in planners[stage]()}
         manifests = layout.manifests(shard_stage)
         plan = StagePlan(stage, len(universe))
+        if stage == "crawl" and kept:
+            plan.note = f"{len(kept)} crawl shards of sources this config does not list: kept as they are"
         for shard_id in universe:
-            if stage in forced:
+            if stage == "crawl" and shard_id in kept:
+                continue
+            if shard_stage in forced:
                 reason: str | None = "forced"
             elif shard_id in upstream:
                 reason = "upstream shard recomputes"
@@ -91,7 +99,7 @@ def plan_run(config: RunConfig, force: frozenset[str] = frozenset()) -> list[Sta
                 plan.recompute[shard_id] = reason
         upstream = set(plan.recompute)
         plans.append(plan)
-    render = _plan_documents(layout, config, fingerprints, forced, "render" in force, plans[-1])
+    render = _plan_documents(layout, config, fingerprints, forced, plans[-1])
     if render is not None:  # before build-corpus, as a run computes them
         plans.insert(len(plans) - 1, render)
     return plans
@@ -102,43 +110,48 @@ def _plan_documents(
     config: RunConfig,
     fingerprints: dict[str, str],
     forced: set[str],
-    force_render: bool,
     corpus: StagePlan,
 ) -> StagePlan | None:
     """The render plan, and the pages' corpus shards added to ``corpus`` (None: no document branch).
 
     Before, plan left the document branch out: a changed render setting showed nothing to compute.
-    ``force_render``: ``--force render`` was given (a run then recomputes every render shard; the image
-    stages' ``forced`` leaves render out when an image stage is forced too).
+    ``forced``: the forced shard stages (:func:`forced_stages`); the pages' corpus rows are forced by
+    ``--force render`` or ``--force build-corpus``, not by a forced image stage, as in a run.
     """
-    manifests = layout.manifests(RENDER_STAGE) if config.document_sources or not config.sources else {}
+    manifests = layout.manifests(RENDER_STAGE)
     if config.document_sources:
         tasks = plan_documents(layout, config.document_sources, config.render.shard_size, config.s3, persist=False)
-    else:  # plan against the render inputs the run already has
+    elif not config.sources:  # plan against the render inputs the run already has, as for crawl
         tasks = [ShardTask(RENDER_STAGE, s, render_input_key(s), e.input_checksum, ()) for s, e in manifests.items()]
-    if not tasks:
+    else:  # image sources only: a run renders nothing, but still builds the pages' corpus rows
+        tasks = []
+    # Render shards of the run that this config does not plan (before, left out of the plan, pages and all):
+    # a run keeps them as they are and build-corpus still adds their pages' rows to the corpus.
+    kept = sorted(set(manifests) - {t.shard_id for t in tasks})
+    if not tasks and not kept:
         return None
-    plan = StagePlan(RENDER_STAGE, len(tasks))
+    plan = StagePlan(RENDER_STAGE, len(tasks) + len(kept))
+    if kept:
+        given = "other PDF sources than this config's" if config.document_sources else "PDF sources this config lacks"
+        plan.note = f"{len(kept)} render shards of {given}: kept as they are (their pages stay in the corpus)"
     for task in tasks:
         reason = (
             "forced"
-            if force_render
+            if RENDER_STAGE in forced
             else _reason(layout, task, fingerprints[RENDER_STAGE], manifests.get(task.shard_id))
         )
         if reason:
             plan.recompute[task.shard_id] = reason
     pages = {t.shard_id: t for t in plan_document_corpus(layout)}
     committed = layout.manifests(STAGE_SHARDS["build-corpus"])
-    corpus.shards += len(tasks)
-    for task in tasks:
-        if "build-corpus" in forced:
+    corpus.shards += plan.shards
+    for shard_id in [t.shard_id for t in tasks] + kept:
+        if "document-corpus" in forced:
             reason: str | None = "forced"
-        elif task.shard_id in plan.recompute:
+        elif shard_id in plan.recompute:
             reason = "upstream shard recomputes"
         else:
-            reason = _reason(
-                layout, pages.get(task.shard_id), fingerprints["document-corpus"], committed.get(task.shard_id)
-            )
+            reason = _reason(layout, pages.get(shard_id), fingerprints["document-corpus"], committed.get(shard_id))
         if reason:
-            corpus.recompute[task.shard_id] = reason
+            corpus.recompute[shard_id] = reason
     return plan

@@ -218,18 +218,41 @@ def summarise(
 STAGE_SHARDS = {"crawl": "crawl", "segment": "segment", "caption": "caption", "build-corpus": "corpus"}
 
 
-def with_dependents(stages: set[str]) -> set[str]:
-    """``--force segment`` also recomputes caption and build-corpus (everything after it)."""
-    unknown = stages - set(STAGE_ORDER) - {"render"}
+# The shard stages of each branch, in order: the images', and the rendered PDF pages' (whose corpus rows
+# "document-corpus" commits under corpus/ too), and those each command computes.
+BRANCHES = (("crawl", "segment", "caption", "corpus"), ("render", "document-corpus"))
+COMMAND_STAGES = {
+    "crawl": ("crawl",),
+    "segment": ("segment",),
+    "caption": ("caption",),
+    "render": ("render",),
+    "build-corpus": ("corpus", "document-corpus"),
+}
+
+
+def forced_stages(force: set[str]) -> set[str]:
+    """The shard stages that ``--force`` recomputes: each forced command's and those after them in their branch.
+
+    ``--force segment`` recomputes segment, caption and the images' corpus rows, but not the rendered
+    pages' corpus rows, which do not come from segment (before, every corpus shard was recomputed);
+    ``--force render`` the render shards and the pages' rows only; ``--force build-corpus`` the rows of both.
+    """
+    unknown = force - set(COMMAND_STAGES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_ORDER)}")
-    if not stages:
-        return set()
-    ordered = [s for s in stages if s in STAGE_ORDER]
-    if not ordered:  # only the document branch's render stage
-        return set(stages) | {"build-corpus"}
-    first = min(STAGE_ORDER.index(s) for s in ordered)
-    return set(STAGE_ORDER[first:])
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_ORDER)} and render")
+    forced: set[str] = set()
+    for command in force:
+        for stage in COMMAND_STAGES[command]:
+            branch = next(b for b in BRANCHES if stage in b)
+            forced.update(branch[branch.index(stage) :])
+    return forced
+
+
+def _force_args(command: str, forced: set[str]) -> dict[str, bool]:
+    """A stage runner's force arguments for the forced shard stages (build-corpus: one per branch)."""
+    if command == "build-corpus":
+        return {"force": "corpus" in forced, "force_documents": "document-corpus" in forced}
+    return {"force": command in forced}
 
 
 def _execute(
@@ -420,8 +443,17 @@ def run_caption(config: RunConfig, *, force: bool = False, chain: ChainResult | 
     return _run_downstream_stage(config, "caption", plan_caption, "segment", force, chain)
 
 
-def run_build_corpus(config: RunConfig, *, force: bool = False, chain: ChainResult | None = None) -> StageRunResult:
-    """Per-shard corpus rows (incremental; images and rendered PDF pages), then the packed dataset."""
+def run_build_corpus(
+    config: RunConfig,
+    *,
+    force: bool = False,
+    force_documents: bool | None = None,
+    chain: ChainResult | None = None,
+) -> StageRunResult:
+    """Per-shard corpus rows (incremental; images and rendered PDF pages), then the packed dataset.
+
+    ``force`` recomputes the images' corpus rows, ``force_documents`` (default: ``force``) the pages'.
+    """
     started = chain.started if chain else time.perf_counter()
     layout = open_run(config)
     write_snapshot(layout, config)
@@ -433,7 +465,8 @@ def run_build_corpus(config: RunConfig, *, force: bool = False, chain: ChainResu
         )
     reports = _execute_after(config, layout, "corpus", tasks, force, chain) if tasks else []
     if document_tasks:  # rendered pages join the same corpus with source_type "document"
-        reports += _execute(config, layout, "document-corpus", document_tasks, force=force)
+        forced = force if force_documents is None else force_documents
+        reports += _execute(config, layout, "document-corpus", document_tasks, force=forced)
     dataset = build_corpus(
         layout,
         config.corpus,
@@ -512,21 +545,21 @@ def run_pipelined(config: RunConfig, force: frozenset[str] = frozenset()) -> lis
     from ps3_engine.pipeline.pipelined import run_chain
 
     started = time.perf_counter()
-    forced = with_dependents(set(force))
+    forced = forced_stages(set(force))
     if not config.sources:
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
     layout = open_run(config)
     tasks = plan_run_crawl(layout, config)
-    outcome = run_chain(config, layout, tasks, {STAGE_SHARDS[s] for s in forced})
+    outcome = run_chain(config, layout, tasks, forced & set(BRANCHES[0]))
     _last_workers.update(outcome["workers"])
     chain = ChainResult(started, outcome["reports"], outcome["seen"])
     crawl_reports = _execute_after(config, layout, "crawl", tasks, "crawl" in forced, chain)
     results = [_finish_crawl(config, layout, len(tasks), crawl_reports, started)]
-    results.append(run_segment(config, force="segment" in forced, chain=chain))
-    results.append(run_caption(config, force="caption" in forced, chain=chain))
+    results.append(run_segment(config, **_force_args("segment", forced), chain=chain))
+    results.append(run_caption(config, **_force_args("caption", forced), chain=chain))
     if config.document_sources:
-        results.append(run_render(config, force="render" in force))
-    results.append(run_build_corpus(config, force="build-corpus" in forced, chain=chain))
+        results.append(run_render(config, **_force_args("render", forced)))
+    results.append(run_build_corpus(config, **_force_args("build-corpus", forced), chain=chain))
     for result in results:
         if result.failed_shards:
             logger.error("%s: %d shards failed", result.stage, len(result.failed_shards))
@@ -536,7 +569,8 @@ def run_pipelined(config: RunConfig, force: frozenset[str] = frozenset()) -> lis
 def run_pipeline(
     config: RunConfig, stages: tuple[str, ...] = STAGE_ORDER, force: frozenset[str] = frozenset()
 ) -> list[StageRunResult]:
-    """Run the requested stages in order; ``force`` stages (and their dependents) recompute every shard.
+    """Run the requested stages in order; ``force`` stages (and their dependents) recompute every shard
+    (:func:`forced_stages`: the dependents of a stage are those its items flow through).
 
     With ``executor.pipelined`` and every image stage requested, the stages stream into each other
     (:func:`run_pipelined`); otherwise each stage finishes before the next starts.
@@ -546,7 +580,7 @@ def run_pipeline(
         plan_run_documents(open_run(config), config, persist=False)
     if config.executor.pipelined and config.sources and set(STAGE_ORDER) <= set(stages):
         return run_pipelined(config, force)
-    forced = with_dependents(set(force))
+    forced = forced_stages(set(force))
     missing = [s for s in stages if s not in IMPLEMENTED_STAGES]
     if missing:
         logger.warning(
@@ -558,9 +592,9 @@ def run_pipeline(
         if documents_only and stage in ("crawl", "segment", "caption"):
             continue
         if stage == "build-corpus" and config.document_sources:
-            results.append(run_render(config, force="render" in force))
+            results.append(run_render(config, **_force_args("render", forced)))
         if stage in STAGE_RUNNERS:
-            results.append(STAGE_RUNNERS[stage](config, force=stage in forced))
+            results.append(STAGE_RUNNERS[stage](config, **_force_args(stage, forced)))
             if results[-1].failed_shards:
                 logger.error(
                     "%s: %d shards failed; later stages run on the rest", stage, len(results[-1].failed_shards)

@@ -44,3 +44,37 @@ def test_retry_failed_summary_counts_every_crawl_shard(rerun_run, zoo, tmp_path,
     assert crawl["kept_rows"] == before["crawl"]["kept_rows"] + 1 and crawl["errors_by_reason"] == {}
     assert {k: v for k, v in after.items() if k != "crawl"} == {k: v for k, v in before.items() if k != "crawl"}
     assert len(RunLayout(Storage(str(root))).manifests("crawl")) == 2
+
+
+def _corpus_commits(layout: RunLayout) -> dict[str, str]:
+    return {shard: str(entry.created_at) for shard, entry in layout.manifests("corpus").items()}
+
+
+def test_force_recomputes_the_forced_stage_and_after_it_only_for_the_items_that_go_through_it(rerun_run, tmp_path):
+    """``run --force segment`` recomputed the rendered pages' corpus rows too, which do not come from
+    segment (README: "--force STAGE recomputes a stage and the ones after it"); ``--force render``
+    recomputed the images' corpus rows. Now each forces its own branch; build-corpus forces both."""
+    from ps3_engine.pipeline.runner import run_pipeline
+
+    root = rerun_run.copy_run(tmp_path / "run")
+    config = rerun_run.config(root)
+    layout = RunLayout(Storage(str(root)))
+    pages = {s for s in layout.manifests("corpus") if s.startswith("doc-")}
+    images = set(layout.manifests("corpus")) - pages
+    assert len(pages) == 1 and len(images) == 2
+
+    def forced(*stages: str) -> tuple[dict[str, int], set[str]]:
+        before = _corpus_commits(layout)
+        results = {r.stage: r.computed_shards for r in run_pipeline(config, force=frozenset(stages))}
+        after = _corpus_commits(layout)
+        return results, {shard for shard in after if after[shard] != before.get(shard)}
+
+    computed, recommitted = forced("segment")
+    assert computed == {"crawl": 0, "segment": 2, "caption": 2, "render": 0, "build-corpus": 2}
+    assert recommitted == images
+    computed, recommitted = forced("render")
+    assert computed == {"crawl": 0, "segment": 0, "caption": 0, "render": 1, "build-corpus": 1}
+    assert recommitted == pages
+    computed, recommitted = forced("build-corpus")
+    assert computed == {"crawl": 0, "segment": 0, "caption": 0, "render": 0, "build-corpus": 3}
+    assert recommitted == images | pages
