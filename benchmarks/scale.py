@@ -187,7 +187,8 @@ def table(results: list[dict]) -> str:
             f"| {s['cpu_seconds']:.1f} | {s['peak_rss'] / 1e9:.2f} | {growth} | {rss_growth} "
             f"| {s['kept']:,} | {s['dropped_exact']:,} | {s['dropped_near']:,} "
             f"| {inc['seconds']:.1f}, {inc['cpu_seconds']:.1f} "
-            f"| {inc['peak_rss'] / 1e9:.2f} | {inc['waves_computed']} / {inc['waves_reused']}, {inc['rows_read']:,} |"
+            f"| {inc['peak_rss'] / 1e9:.2f} | {inc['waves_computed']} / {inc['waves_reused']}"
+            f"{' (rebuilt from links)' if inc.get('resumed') else ''}, {inc['rows_read']:,} |"
         )
     return "\n".join(lines)
 

@@ -77,10 +77,12 @@ from ps3_engine.pipeline.dedup_store import (
     group_waves,
     persisted_chain,
     read_compact,
+    read_links,
     read_names,
     read_shard,
     read_wave_file,
     wave_table,
+    write_links,
     write_parquet,
     write_wave,
 )
@@ -114,6 +116,8 @@ class DedupOutcome:
     incremental: bool = False
     waves_computed: int = 0
     waves_reused: int = 0
+    # The reused waves' state was rebuilt from their persisted links (no pair search over them).
+    resumed: bool = False
 
 
 # -- the decision on in-memory rows (tests, tools) ---------------------------------------------------
@@ -222,18 +226,22 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
         wave.first_row, wave.num_rows = first_row, count
         prev, first_row = wave.fingerprint, first_row + count
     computed = [w for w in waves if not w.reused]
-    wave_of_row = np.repeat(np.arange(len(waves), dtype=np.int64), counts)
+    resumed = False
     if computed:
-        state = DedupState.from_waves(
-            compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, max_distance
-        )
-        representative, group = state.representative, state.group
+        state = _resume(layout, waves, compact, persisted, max_distance)
+        resumed = state is not None
+        if state is None:
+            wave_of_row = np.repeat(np.arange(len(waves), dtype=np.int64), counts)
+            state = DedupState.from_waves(
+                compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, max_distance
+            )
+            reused = persisted >= 0
+            # Internal invariant: the persisted decisions are a function of what their chain fingerprints cover.
+            assert np.array_equal(state.representative[reused], persisted[reused]), "persisted dedup waves disagree"
+        representative, group, links = state.representative, state.group, state.links()
         del state
-        reused = persisted >= 0
-        # Internal invariant: the persisted decisions are a function of what their chain fingerprints cover.
-        assert np.array_equal(representative[reused], persisted[reused]), "persisted dedup waves disagree"
     else:
-        representative, group = persisted, digest_groups(compact.sha_words)[0]
+        representative, group, links = persisted, digest_groups(compact.sha_words)[0], None
     outcome = _write_waves_and_drops(layout, waves, compact, representative, group, max_distance, wave_shards)
     outcome = DedupOutcome(
         fingerprint,
@@ -243,7 +251,10 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
         incremental=bool(computed) and len(computed) < len(waves),
         waves_computed=len(computed),
         waves_reused=len(waves) - len(computed),
+        resumed=resumed,
     )
+    if links is not None:
+        write_links(layout, *links, waves)
     # The manifest is written last: until it names this fingerprint, a rerun recomputes.
     storage.write_json_atomic(
         layout.DEDUP_MANIFEST_KEY,
@@ -263,15 +274,52 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
     )
     delete_obsolete(layout, {w.file_key for w in waves})
     logger.info(
-        "dedup: %d kept, %d exact and %d near duplicates dropped (%d waves computed, %d reused, %d rows read)",
+        "dedup: %d kept, %d exact and %d near duplicates dropped (%d waves computed, %d reused%s, %d rows read)",
         outcome.kept,
         outcome.dropped_exact,
         outcome.dropped_near,
         outcome.waves_computed,
         outcome.waves_reused,
+        " from their links" if resumed else "",
         outcome.rows_read,
     )
     return outcome
+
+
+def _resume(
+    layout: RunLayout, waves: list[Wave], compact: Compact, persisted: np.ndarray, max_distance: int
+) -> DedupState | None:
+    """The state after the reused waves, rebuilt from their persisted links, with the other waves added.
+
+    Only when the reused waves come first in the order (new shards; a changed shard in a later wave)
+    and the links file's chain starts with them; else None (the caller recomputes every wave).
+    """
+    num_reused = next((i for i, w in enumerate(waves) if not w.reused), len(waves))
+    if num_reused == 0 or any(w.reused for w in waves[num_reused:]):
+        return None
+    persisted_links = read_links(layout, waves[:num_reused])
+    if persisted_links is None:
+        return None
+    prefix_rows = waves[num_reused].first_row
+    head = _slice(compact, 0, prefix_rows)
+    try:
+        state = DedupState.from_decided(
+            head.sha_words,
+            head.phash,
+            head.pixels,
+            head.num_bytes,
+            persisted[:prefix_rows],
+            *persisted_links,
+            num_reused,
+            max_distance,
+        )
+    except ValueError as exc:
+        logger.warning("dedup: %s; recomputing every wave", exc)
+        return None
+    for wave in waves[num_reused:]:
+        part = _slice(compact, wave.first_row, wave.first_row + wave.num_rows)
+        state.add_wave(part.sha_words, part.phash, part.pixels, part.num_bytes)
+    return state
 
 
 def _write_waves_and_drops(

@@ -61,6 +61,8 @@ class Buffer:
 
     def append(self, values: np.ndarray) -> None:
         values = np.asarray(values, self._data.dtype)
+        if not values.shape[0]:
+            return  # the wrapped array may be read-only (Arrow's): nothing to write
         need = self.size + values.shape[0]
         if need > self._data.shape[0]:
             grown = np.empty((max(need, 2 * self._data.shape[0], 16), *self._data.shape[1:]), self._data.dtype)

@@ -30,6 +30,9 @@ HASH_COLUMNS = ["item_id", "shard_id", "source_ref", "sha256", "phash", "width",
 COMPACT_COLUMNS = ["sha256", "phash", "width", "height", "num_bytes"]
 NAME_COLUMNS = ["item_id", "source_ref"]
 DEDUP_PREFIX = "crawl/_dedup/"
+# The links that formed the components of the decided waves (see write_links).
+LINKS_KEY = "crawl/_dedup/links.parquet"
+LINKS_META_KEY = b"ps3_dedup_links"
 WAVES_PREFIX = "crawl/_dedup/waves/"
 # Bumped when the decision rule changes: persisted waves of another rule are then recomputed.
 ALGORITHM = "waves-1"
@@ -366,6 +369,45 @@ def write_wave(layout: RunLayout, wave: Wave, table: pa.Table, max_distance: int
     }
     metadata = {**(table.schema.metadata or {}), META_KEY: json.dumps(wave.meta).encode()}
     write_parquet(layout, wave.file_key, table.replace_schema_metadata(metadata))
+
+
+def write_links(layout: RunLayout, links: np.ndarray, link_wave: np.ndarray, waves: list[Wave]) -> None:
+    """Persist the links that formed the dedup components of ``waves`` (the chain, in decided order).
+
+    With them a later dedup rebuilds the state after any unchanged prefix of the chain without
+    searching its pairs again (:meth:`~ps3_engine.pipeline.dedup_sweep.DedupState.from_decided`).
+    """
+    meta = {"algorithm": ALGORITHM, "chain": [w.fingerprint for w in waves], "rows": [w.num_rows for w in waves]}
+    table = pa.table(
+        {
+            "a": pa.array(links[:, 0], pa.int64()),
+            "b": pa.array(links[:, 1], pa.int64()),
+            "wave": pa.array(link_wave, pa.int64()),
+        }
+    )
+    write_parquet(layout, LINKS_KEY, table.replace_schema_metadata({LINKS_META_KEY: json.dumps(meta).encode()}))
+
+
+def read_links(layout: RunLayout, prefix: list[Wave]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The persisted links of the waves of ``prefix`` when the file's chain starts with it, else None."""
+    storage = layout.storage
+    if not prefix or not storage.exists(LINKS_KEY):
+        return None
+    try:
+        with storage.filesystem.open_input_file(storage.path(LINKS_KEY)) as handle:
+            parquet = pq.ParquetFile(handle)
+            meta = json.loads((parquet.schema_arrow.metadata or {})[LINKS_META_KEY])
+            chain = [w.fingerprint for w in prefix]
+            if meta.get("algorithm") != ALGORITHM or meta["chain"][: len(chain)] != chain:
+                return None
+            table = parquet.read()
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        logger.warning("dedup links %s are unreadable (%s): recomputing", storage.uri(LINKS_KEY), exc)
+        return None
+    inside = pc.less(table["wave"], len(prefix))
+    table = table.filter(inside)
+    links = np.stack([table["a"].to_numpy(), table["b"].to_numpy()], axis=1) if table.num_rows else None
+    return (links if links is not None else np.empty((0, 2), np.int64)), table["wave"].to_numpy()
 
 
 class DropRows:

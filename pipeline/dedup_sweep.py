@@ -181,6 +181,14 @@ class DedupState:
         self._representative = Buffer(np.int64)
         self._group = Buffer(np.int64)  # digest group per row (equal: byte copies)
         self._group_first = Buffer(np.int64)  # first row of each digest group
+        self._node = Buffer(np.int64)  # node per row
+        self._node_first = Buffer(np.int64)  # first row of each node
+        # The links that formed the components, as rows (first rows of their nodes) with the ordinal
+        # of the wave they arrived with: persisted, they let a later dedup rebuild the components
+        # after any prefix of waves without searching pairs again (from_decided).
+        self._link_rows = Buffer(np.int64, width=2)
+        self._link_wave = Buffer(np.int64)
+        self.num_waves = 0
         self._values = Buffer(np.uint64)  # node pHash by node id
         self.sweep = WaveSweep(0)
         # Built on the first add_wave (run_dedup's one-shot sweep never needs them).
@@ -253,6 +261,7 @@ class DedupState:
             ("_group", group),
             ("_group_first", group_first),
             ("_values", values),
+            ("_node", node_of_row),
         ):
             setattr(state, buffer, Buffer.of(data))
         first_row = np.full(values.size, num_rows, np.int64)
@@ -264,6 +273,10 @@ class DedupState:
         order = np.argsort(weight, kind="stable")
         edges, weight = edges[:, order], weight[order]
         num_waves = int(wave[-1]) + 1
+        state._node_first = Buffer.of(first_row)
+        state._link_rows = Buffer.of(np.ascontiguousarray(first_row[edges].T))
+        state._link_wave = Buffer.of(weight)
+        state.num_waves = num_waves
         row_bounds = np.searchsorted(wave, np.arange(num_waves + 1))
         edge_bounds = np.searchsorted(weight, np.arange(num_waves + 1))
         state.sweep = WaveSweep(values.size)
@@ -275,6 +288,89 @@ class DedupState:
             )
         state._representative = Buffer.of(representative)
         return state
+
+    @classmethod
+    def from_decided(
+        cls,
+        sha_words: np.ndarray,
+        phash: np.ndarray,
+        pixels: np.ndarray,
+        num_bytes: np.ndarray,
+        representative: np.ndarray,
+        links: np.ndarray,
+        link_wave: np.ndarray,
+        num_waves: int,
+        max_distance: int,
+    ) -> DedupState:
+        """The state after ``num_waves`` decided waves, rebuilt from their decisions and links, no pair search.
+
+        Later waves depend only on each component of the decided rows and on its best kept row (the
+        sweep looks at nothing else), so the persisted ``representative`` of every row and the links
+        that formed the components (:meth:`links`) are enough: sorts and one connected-components
+        pass, O(N log N) with a small constant.
+
+        Args:
+            sha_words .. num_bytes: the decided rows' columns, canonical order (as :meth:`from_waves`).
+            representative: ``int64[n]`` each row's representative (itself when kept).
+            links: ``int64[L, 2]`` rows linked by the decided waves; link_wave: ``int64[L]`` the
+                ordinal (< ``num_waves``) of the wave each arrived with.
+
+        Raises:
+            ValueError: the links do not fit the rows, or a dropped row is not in its
+                representative's component (the persisted pieces do not belong together).
+        """
+        state = cls(max_distance)
+        state.num_waves = num_waves
+        num_rows = phash.size
+        if num_rows == 0:
+            return state
+        if links.size and (links.min() < 0 or links.max() >= num_rows or link_wave.max() >= num_waves):
+            raise ValueError("persisted dedup links point past the decided rows")
+        group, group_first = digest_groups(sha_words)
+        values, node_of_group = np.unique(phash[group_first], return_inverse=True)
+        node_of_row = node_of_group.reshape(-1)[group].astype(np.int64)
+        node_first = np.full(values.size, num_rows, np.int64)
+        np.minimum.at(node_first, node_of_row, np.arange(num_rows))
+        a, b = node_of_row[links[:, 0]], node_of_row[links[:, 1]]
+        graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(values.size, values.size))
+        label = connected_components(graph, directed=False)[1]
+        # Each component's first row: the sweep's "best" is per component, labelled by it below.
+        first_of_label = np.full(label.max() + 1, num_rows, np.int64)
+        np.minimum.at(first_of_label, label, node_first)
+        component = first_of_label[label[node_of_row]]
+        if not np.array_equal(component[representative], component):
+            raise ValueError("persisted dedup links disagree with the persisted decisions")
+        for buffer, data in (
+            ("_sha_words", sha_words),
+            ("_phash", phash),
+            ("_pixels", pixels),
+            ("_num_bytes", num_bytes),
+            ("_group", group),
+            ("_group_first", group_first),
+            ("_values", values),
+            ("_node", node_of_row),
+            ("_node_first", node_first),
+            ("_representative", representative),
+            ("_link_rows", np.ascontiguousarray(links, np.int64).reshape(-1, 2)),
+            ("_link_wave", np.asarray(link_wave, np.int64)),
+        ):
+            setattr(state, buffer, Buffer.of(data))
+        sweep = WaveSweep(values.size)
+        # Every node points at the node of its component's first row (depth 1); that root holds the
+        # component's size and its best kept row.
+        root = node_of_row[first_of_label[label]]
+        sweep.parent[: values.size] = root
+        sweep.size[: values.size] = np.bincount(root, minlength=values.size)
+        kept = np.flatnonzero(representative == np.arange(num_rows))
+        best = _best_per_group(component[kept], kept, pixels, num_bytes, num_rows)
+        is_root = root == np.arange(values.size)
+        sweep.best[: values.size] = np.where(is_root, best[node_first], -1)
+        state.sweep = sweep
+        return state
+
+    def links(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(int64[L, 2] linked rows, int64[L] wave ordinal)``: what :meth:`from_decided` takes back."""
+        return self._link_rows.view, self._link_wave.view
 
     def _build_indexes(self) -> None:
         """Index the rows decided so far (once, O(N log N)); later waves add to the indexes."""
@@ -350,6 +446,14 @@ class DedupState:
             self._values.append(fresh)
             self._nodes.add(fresh, fresh_ids)
             self._near.add(fresh, fresh_ids)
+            first = np.full(fresh.size, num_old + num_new, np.int64)
+            np.minimum.at(first, row_node[unknown] - num_nodes, num_old + np.flatnonzero(unknown))
+            self._node_first.append(first)
+        self._node.append(row_node)
+        node_first = self._node_first.view
+        self._link_rows.append(np.stack([node_first[edges[0]], node_first[edges[1]]], axis=1))
+        self._link_wave.append(np.full(edges.shape[1], self.num_waves, np.int64))
+        self.num_waves += 1
         self.sweep.grow(self.values.size)
         rows = np.arange(num_old, num_old + num_new)
         representative = self.sweep.step(rows, row_node, edges, self.pixels, self.num_bytes)

@@ -144,3 +144,51 @@ def test_streamed_digests_are_exact_when_first_words_collide():
     group = state.group
     assert len(set(group[100:200].tolist()) | set(group[:100].tolist())) == 200
     assert np.array_equal(group[300:320], group[10:30])
+
+
+@pytest.mark.parametrize("split", [1, 5, 9])
+def test_state_rebuilt_from_decisions_and_links_decides_later_waves_like_the_sweep(split):
+    """from_decided (decisions and links of the first waves, no pair search) then add_wave for the
+    rest gives the decisions of one sweep over all waves: bridged clusters, chains, later larger
+    copies and byte copies across the split included."""
+    rows = wave_rows(6000, num_waves=12, seed=4)
+    words = np.zeros((rows["digest"].size, 4), np.uint64)
+    words[:, 0] = rows["digest"]
+    head = rows["wave"] < split
+    decided = DedupState.from_waves(
+        words[head], rows["phash"][head], rows["pixels"][head], rows["num_bytes"][head], rows["wave"][head], K
+    )
+    state = DedupState.from_decided(
+        words[head],
+        rows["phash"][head],
+        rows["pixels"][head],
+        rows["num_bytes"][head],
+        decided.representative,
+        *decided.links(),
+        split,
+        K,
+    )
+    for k in range(split, 12):
+        m = rows["wave"] == k
+        state.add_wave(words[m], rows["phash"][m], rows["pixels"][m], rows["num_bytes"][m])
+    expected = solve_rows(rows, K)
+    assert np.array_equal(state.representative, expected)
+    # The links carried forward rebuild the whole run again, from any prefix.
+    links, link_wave = state.links()
+    again = DedupState.from_decided(
+        words, rows["phash"], rows["pixels"], rows["num_bytes"], expected, links, link_wave, 12, K
+    )
+    assert np.array_equal(again.representative, expected)
+
+
+def test_from_decided_refuses_links_that_do_not_fit_the_decisions():
+    rows = wave_rows(2000, num_waves=3, seed=8)
+    words = np.zeros((rows["digest"].size, 4), np.uint64)
+    words[:, 0] = rows["digest"]
+    columns = (words, rows["phash"], rows["pixels"], rows["num_bytes"])
+    state = DedupState.from_waves(*columns, rows["wave"], K)
+    links, link_wave = state.links()
+    with pytest.raises(ValueError, match="disagree with the persisted decisions"):
+        DedupState.from_decided(*columns, state.representative, links[:0], link_wave[:0], 3, K)
+    with pytest.raises(ValueError, match="past the decided rows"):
+        DedupState.from_decided(*columns, state.representative, links + 10**6, link_wave, 3, K)

@@ -274,6 +274,8 @@ def test_run_dedup_decides_by_waves_and_reuses_them(tmp_path, wave_data):
     commit_crawl_shard(layout, victim, changed[victim])
     rerun = run_dedup(layout, K, wave_shards=2)
     assert (rerun.waves_computed, rerun.waves_reused, rerun.incremental) == (2, 2, True)
+    # Waves 0-1 were not searched again: their state came back from the persisted links.
+    assert rerun.resumed
     assert rerun.rows_read == sum(p["phash"].size for s, p in changed.items() if wave_key(s, 2)[1] >= 2)
     for key in ("crawl/_dedup/waves/0a1b2c3d-000000.parquet", "crawl/_dedup/waves/0a1b2c3d-000001.parquet"):
         assert layout.storage.read_bytes(key) == before[key][1]
@@ -378,3 +380,41 @@ def test_a_run_without_committed_crawl_shards_has_an_empty_drop_table(tmp_path):
     assert layout.storage.read_parquet(layout.DEDUP_KEY).num_rows == 0
     assert layout.dropped_item_ids() == set()
     assert WaveDedup(layout, K, wave_shards=2).decide([]) == {}
+
+
+def test_increments_rebuild_the_decided_waves_from_their_links_and_match_a_fresh_run(tmp_path):
+    """Shards arrive in three increments; each run_dedup rebuilds the earlier waves from the links
+    file (no pair search over them) and decides only the new waves. A links file that does not fit
+    (unreadable, or of another chain) is ignored and everything recomputed, with the same result."""
+    rows = wave_rows(4000, num_waves=6, seed=33)
+    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
+    ids = sorted(shards)
+    layout = RunLayout(Storage(str(tmp_path / "run")))
+    outcomes = []
+    for part in (ids[:4], ids[4:9], ids[9:]):  # the second increment also completes wave 2
+        for shard_id in part:
+            commit_crawl_shard(layout, shard_id, shards[shard_id])
+        outcomes.append(run_dedup(layout, K, wave_shards=2))
+    assert [o.resumed for o in outcomes] == [False, True, True]
+    assert [(o.waves_computed, o.waves_reused) for o in outcomes] == [(2, 0), (3, 2), (2, 4)]
+    assert {r["item_id"] for r in drop_rows(layout)} == expected_drops(rows, shards)
+
+    fresh = RunLayout(Storage(str(tmp_path / "fresh")))
+    for shard_id in ids:
+        commit_crawl_shard(fresh, shard_id, shards[shard_id])
+    run_dedup(fresh, K, wave_shards=2)
+    assert drop_rows(layout) == drop_rows(fresh)
+
+    # Damaged links: ignored with a warning, every wave searched again; the same drops.
+    links_key = "crawl/_dedup/links.parquet"
+    layout.storage.write_bytes_atomic(links_key, fresh.storage.read_bytes(links_key)[:100])
+    victim = ids[-1]
+    commit_crawl_shard(layout, victim, {name: column[:-5] for name, column in shards[victim].items()})
+    damaged = run_dedup(layout, K, wave_shards=2)
+    assert (damaged.resumed, damaged.waves_computed) == (False, 1)
+    changed = {**shards, victim: {name: column[:-5] for name, column in shards[victim].items()}}
+    again = RunLayout(Storage(str(tmp_path / "again")))
+    for shard_id in ids:
+        commit_crawl_shard(again, shard_id, changed[shard_id])
+    run_dedup(again, K, wave_shards=2)
+    assert drop_rows(layout) == drop_rows(again)
