@@ -7,6 +7,7 @@ run.json                          resolved config snapshot, versions, per-stage 
 <stage>/_manifest/<shard>.json    completion record, written last
 <stage>/_index/                   the stage's compacted manifests (pipeline/shard_index.py)
 crawl/_input/<shard>.parquet      planned crawl items of one shard
+crawl/_plan/inputs.parquet        the input shards' checksums and file versions when last planned (a cache)
 crawl/_dedup/dropped.parquet      cross-shard duplicates (error rows, category "filtered")
 crawl/_dedup/waves/<prefix>-<k>.parquet  one dedup wave: its rows and decisions (fingerprint chain in metadata)
 summary.json                      per-stage counts, errors by reason, wall time, throughput
@@ -106,9 +107,13 @@ class RunLayout:
     def manifest_key(stage: str, shard_id: str) -> str:
         return f"{stage}/_manifest/{shard_id}.json"
 
+    CRAWL_INPUT_PREFIX = "crawl/_input/"
+    # Read and written by pipeline/input_record.py, so a re-plan of unchanged lists reads no shard.
+    CRAWL_PLAN_RECORD_KEY = "crawl/_plan/inputs.parquet"
+
     @staticmethod
     def crawl_input_key(shard_id: str) -> str:
-        return f"crawl/_input/{shard_id}.parquet"
+        return f"{RunLayout.CRAWL_INPUT_PREFIX}{shard_id}.parquet"
 
     DEDUP_KEY = "crawl/_dedup/dropped.parquet"
     DEDUP_MANIFEST_KEY = "crawl/_dedup/_manifest.json"

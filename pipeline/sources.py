@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from ps3_engine.infra.http import redact_url
 from ps3_engine.infra.storage import S3Settings, is_s3_uri, list_uri, resolve_filesystem, uri_is_dir
+from ps3_engine.pipeline.input_record import InputRecord
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.streaming import OccurrenceIndex, ordered_prefetch
 from ps3_engine.schemas import CRAWL_ITEM_SCHEMA, rows_to_table
@@ -69,19 +71,32 @@ def list_ref_kind(ref: str) -> tuple[str, str | None]:
     return "invalid", f"unsupported URL scheme {scheme.group(1)!r}: URL lists fetch http(s) and s3:// only"
 
 
+@functools.lru_cache(maxsize=256)
+def _columns(keys: tuple[Any, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+    """The keys among ``keys`` that spell one of ``names`` (any case), in the order of ``names``.
+
+    Cached: the rows of a list share their keys, so a row costs a lookup instead of a scan of its keys.
+    """
+    return tuple(key for name in names for key in keys if isinstance(key, str) and key.lower() == name)
+
+
 def _url_key(row: dict[str, Any]) -> str | None:
     """The row's URL column: the first of :data:`URL_COLUMNS` present with a value, else the first present."""
-    present = [key for name in URL_COLUMNS for key in row if isinstance(key, str) and key.lower() == name]
+    present = _columns(tuple(row), URL_COLUMNS)
     filled = [key for key in present if row[key] not in (None, "")]
-    return (filled or present or [None])[0]
+    return (filled or present or (None,))[0]
 
 
 def _pick(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, str | None]:
-    for name in names:
-        for key in row:
-            if isinstance(key, str) and key.lower() == name and row[key] not in (None, ""):
-                return key, str(row[key])
+    for key in _columns(tuple(row), names):
+        if row[key] not in (None, ""):
+            return key, str(row[key])
     return None, None
+
+
+def _redacted(text: str) -> str:
+    """:func:`redact_url`, skipped for text without an ``@`` (user-info always ends with one)."""
+    return redact_url(text) if "@" in text else text
 
 
 def _invalid_item(source: str, where: str, reason: str, message: str) -> dict[str, Any]:
@@ -113,7 +128,7 @@ def _row_to_item(row: dict[str, Any], source: str, where: str, stripped: list[st
             source, where, "invalid_url", f"column {url_key!r} holds a {type(value).__name__} ({value!r}), not a URL"
         )
     url = value.strip().lstrip(BOM).strip()
-    cleaned = redact_url(url)
+    cleaned = _redacted(url)
     if cleaned != url:
         stripped.append(where)
     kind, refusal = list_ref_kind(cleaned)
@@ -132,7 +147,7 @@ def _row_to_item(row: dict[str, Any], source: str, where: str, stripped: list[st
         "source_list": source,
         "license": license_value,
         "attribution": attribution,
-        "metadata_json": redact_url(json.dumps(metadata, sort_keys=True, default=str)),
+        "metadata_json": _redacted(json.dumps(metadata, sort_keys=True, default=str)) if metadata else "{}",
     }
 
 
@@ -300,23 +315,47 @@ def plan_items(
     return list(grouped.items())
 
 
+def stored_input_checksum(layout: RunLayout, key: str) -> str | None:
+    """The input checksum in the Parquet metadata of the stored shard at ``key``; None when it has none.
+
+    An unreadable shard counts as having none (it is rewritten), with a warning.
+    """
+    try:
+        with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
+            existing = pq.read_schema(handle).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        logger.warning("rewriting unreadable input shard %s: %s", key, exc)
+        return None
+    return existing.get(b"input_checksum", b"").decode() or None
+
+
+def _write_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> None:
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
+    layout.storage.write_parquet_atomic(key, table)
+
+
 def write_input_shard(layout: RunLayout, key: str, table: pa.Table, checksum: str) -> bool:
     """Write a planned input shard unless the same items are already there (same checksum in its metadata).
 
     Returns:
         Whether the shard was written.
     """
-    if layout.storage.exists(key):
-        try:
-            with layout.storage.filesystem.open_input_file(layout.storage.path(key)) as handle:
-                existing = pq.read_schema(handle).metadata or {}
-        except (OSError, pa.ArrowInvalid) as exc:
-            logger.warning("rewriting unreadable input shard %s: %s", key, exc)
-            existing = {}
-        if existing.get(b"input_checksum", b"").decode() == checksum:
-            return False
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"input_checksum": checksum.encode()})
-    layout.storage.write_parquet_atomic(key, table)
+    if layout.storage.exists(key) and stored_input_checksum(layout, key) == checksum:
+        return False
+    _write_shard(layout, key, table, checksum)
+    return True
+
+
+def _write_items_if_changed(
+    layout: RunLayout, key: str, items: list[dict[str, Any]], checksum: str, stored: bool
+) -> bool:
+    """:func:`write_input_shard` for items (a writer thread's job): the table is built only to be written.
+
+    ``stored``: the shard's file was listed before the plan began (else there is nothing to compare).
+    """
+    if stored and stored_input_checksum(layout, key) == checksum:
+        return False
+    _write_shard(layout, key, rows_to_table(items, CRAWL_ITEM_SCHEMA), checksum)
     return True
 
 
@@ -342,20 +381,30 @@ def iter_shard_chunks(
 
 
 class ShardWriter:
-    """Writes input shards on a few threads with a bounded number in flight (so memory stays bounded)."""
+    """Writes changed input shards on a few threads, with a bounded number in flight (so memory stays bounded).
+
+    The plan record (:mod:`ps3_engine.pipeline.input_record`) is read once first: a shard it shows
+    unchanged costs no request; any other stored shard has its stored checksum compared before a write.
+    """
 
     def __init__(self, layout: RunLayout, threads: int = 8, in_flight: int = 32) -> None:
         self._layout = layout
+        self._record = InputRecord.load(layout.storage, RunLayout.CRAWL_INPUT_PREFIX, RunLayout.CRAWL_PLAN_RECORD_KEY)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="plan-write")
         self._slots = threading.BoundedSemaphore(in_flight)
         self._futures: list[Future] = []
+        self.unchanged = 0  # shards the record showed unchanged
+        self.submitted = 0  # shards checked against their stored checksum, and written when it differed
         self.written = 0
 
-    def submit(self, key: str, items: list[dict[str, Any]], checksum: str) -> None:
+    def submit(self, shard_id: str, items: list[dict[str, Any]], checksum: str) -> None:
+        if self._record.unchanged(shard_id, checksum):
+            self.unchanged += 1
+            return
         self._slots.acquire()
-        future = self._pool.submit(
-            write_input_shard, self._layout, key, rows_to_table(items, CRAWL_ITEM_SCHEMA), checksum
-        )
+        self.submitted += 1
+        key, stored = RunLayout.crawl_input_key(shard_id), self._record.stored(shard_id)
+        future = self._pool.submit(_write_items_if_changed, self._layout, key, items, checksum, stored)
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
         if len(self._futures) >= 1024:  # keep the list short: collect finished writes (and their errors)
@@ -376,13 +425,25 @@ class ShardWriter:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def record(self, tasks: list[ShardTask]) -> None:
+        """After :meth:`close`: record the planned shards, unless the record already showed them all."""
+        if self.submitted:
+            self._record.update({task.shard_id: task.input_checksum for task in tasks})
+        logger.info(
+            "planned %d crawl input shards: %d unchanged by the plan record, %d checked, %d written",
+            len(tasks),
+            self.unchanged,
+            self.submitted - self.written,
+            self.written,
+        )
+
 
 def plan_crawl(
     layout: RunLayout, sources: list[str], shard_size: int, s3: S3Settings, persist: bool = True
 ) -> list[ShardTask]:
     """Plan (and, with ``persist``, write) crawl input shards, streaming: shards are written as they fill.
 
-    Unchanged shards are not rewritten (their stored checksum is compared first).
+    Unchanged shards are not rewritten, nor read when the plan record shows them unchanged (:class:`ShardWriter`).
     """
     if not sources:
         raise ValueError("no crawl sources given: pass --input or set 'sources' in the run config")
@@ -392,14 +453,13 @@ def plan_crawl(
     try:
         for source, index, chunk in iter_shard_chunks(sources, shard_size, s3):
             shard_id = f"{prefixes[source]}-{index:05d}"
-            key = RunLayout.crawl_input_key(shard_id)
             checksum = items_checksum(chunk)
             if writer is not None:
-                writer.submit(key, chunk, checksum)
-            tasks.append(ShardTask("crawl", shard_id, key, checksum, (source,)))
+                writer.submit(shard_id, chunk, checksum)
+            tasks.append(ShardTask("crawl", shard_id, RunLayout.crawl_input_key(shard_id), checksum, (source,)))
     finally:
         if writer is not None:
             writer.close()
     if writer is not None:
-        logger.info("planned %d crawl input shards, %d written (the rest were unchanged)", len(tasks), writer.written)
+        writer.record(tasks)
     return tasks
