@@ -286,6 +286,35 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
     return outcome
 
 
+def _from_links(
+    layout: RunLayout, prefix: list[Wave], compact: Compact, persisted: np.ndarray, max_distance: int
+) -> DedupState | None:
+    """The state after the decided waves ``prefix`` (first in the order), from their persisted links.
+
+    None when the links file's chain does not start with ``prefix`` or does not fit the decisions
+    (the caller then searches the pairs again).
+    """
+    persisted_links = read_links(layout, prefix)
+    if persisted_links is None:
+        return None
+    rows = prefix[-1].first_row + prefix[-1].num_rows
+    head = _slice(compact, 0, rows)
+    try:
+        return DedupState.from_decided(
+            head.sha_words,
+            head.phash,
+            head.pixels,
+            head.num_bytes,
+            persisted[:rows],
+            *persisted_links,
+            len(prefix),
+            max_distance,
+        )
+    except ValueError as exc:
+        logger.warning("dedup: %s; searching the pairs again", exc)
+        return None
+
+
 def _resume(
     layout: RunLayout, waves: list[Wave], compact: Compact, persisted: np.ndarray, max_distance: int
 ) -> DedupState | None:
@@ -297,24 +326,8 @@ def _resume(
     num_reused = next((i for i, w in enumerate(waves) if not w.reused), len(waves))
     if num_reused == 0 or any(w.reused for w in waves[num_reused:]):
         return None
-    persisted_links = read_links(layout, waves[:num_reused])
-    if persisted_links is None:
-        return None
-    prefix_rows = waves[num_reused].first_row
-    head = _slice(compact, 0, prefix_rows)
-    try:
-        state = DedupState.from_decided(
-            head.sha_words,
-            head.phash,
-            head.pixels,
-            head.num_bytes,
-            persisted[:prefix_rows],
-            *persisted_links,
-            num_reused,
-            max_distance,
-        )
-    except ValueError as exc:
-        logger.warning("dedup: %s; recomputing every wave", exc)
+    state = _from_links(layout, waves[:num_reused], compact, persisted, max_distance)
+    if state is None:
         return None
     for wave in waves[num_reused:]:
         part = _slice(compact, wave.first_row, wave.first_row + wave.num_rows)
@@ -378,15 +391,19 @@ class WaveDedup:
         current = group_waves(shards, self.wave_shards)
         chain = persisted_chain(self.layout, current, self.max_distance, self.wave_shards)
         compact, persisted, counts, _ = read_compact(self.layout, chain, {})
-        wave_of_row = np.repeat(np.arange(len(chain), dtype=np.int64), counts)
-        state = DedupState.from_waves(
-            compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, self.max_distance
-        )
-        assert np.array_equal(state.representative, persisted), "persisted dedup waves disagree"
+        state = _from_links(self.layout, chain, compact, persisted, self.max_distance) if chain else None
+        how = "rebuilt from their links"
+        if state is None:
+            how = "searched again"
+            wave_of_row = np.repeat(np.arange(len(chain), dtype=np.int64), counts)
+            state = DedupState.from_waves(
+                compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, self.max_distance
+            )
+            assert np.array_equal(state.representative, persisted), "persisted dedup waves disagree"
         self._waves = {w.key: w for w in chain}
         self._last = chain[-1] if chain else None
         self._undecided = set(current) - set(self._waves)
-        logger.info("dedup: %d persisted waves (%d rows) reused", len(chain), state.num_rows)
+        logger.info("dedup: %d persisted waves (%d rows) reused, %s", len(chain), state.num_rows, how)
         return state
 
     def decide(self, shard_ids: list[str]) -> dict[str, tuple[str, ...]]:

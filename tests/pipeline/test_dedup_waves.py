@@ -418,3 +418,31 @@ def test_increments_rebuild_the_decided_waves_from_their_links_and_match_a_fresh
         commit_crawl_shard(again, shard_id, changed[shard_id])
     run_dedup(again, K, wave_shards=2)
     assert drop_rows(layout) == drop_rows(again)
+
+
+def test_a_restarted_streaming_gate_rebuilds_decided_waves_from_their_links(tmp_path, caplog):
+    """run_dedup decided waves 0-1 (and wrote their links); more shards commit and a new gate
+    process decides waves 2-3 one by one: it rebuilds 0-1 from the links, and its drops equal a
+    stage-by-stage run over all shards."""
+    rows = wave_rows(3000, num_waves=4, seed=44)
+    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
+    ids = sorted(shards)
+    layout = RunLayout(Storage(str(tmp_path / "run")))
+    for shard_id in ids[:4]:
+        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    run_dedup(layout, K, wave_shards=2)
+    for shard_id in ids[4:]:
+        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    gate = WaveDedup(layout, K, wave_shards=2)
+    with caplog.at_level("INFO", logger="ps3_engine.pipeline.dedup"):
+        decided = {**gate.decide(ids[4:6]), **gate.decide(ids[6:])}
+    assert "2 persisted waves" in caplog.text and "rebuilt from their links" in caplog.text
+    assert {i for s in ids[4:] for i in decided[s]} == {
+        i for i in expected_drops(rows, shards) if i.rsplit("-", 1)[0] in {f"item-{s}" for s in ids[4:]}
+    }
+    run_dedup(layout, K, wave_shards=2)
+    staged = RunLayout(Storage(str(tmp_path / "staged")))
+    for shard_id in ids:
+        commit_crawl_shard(staged, shard_id, shards[shard_id])
+    run_dedup(staged, K, wave_shards=2)
+    assert drop_rows(layout) == drop_rows(staged)
