@@ -78,41 +78,63 @@ def _merge_due(sizes: list[int]) -> bool:
     return len(sizes) >= 2 and sizes[-2] <= 2 * sizes[-1]
 
 
-class SortedRuns:
-    """Exact map from distinct ``uint64`` keys to ``int64`` values, as sorted runs (logarithmic method)."""
+class _Runs:
+    """Items (``uint64`` values with ``int64`` ids) held as static runs merged by the logarithmic method.
+
+    Subclasses say how one run is built (:meth:`_build`); every run has ``values`` and ``ids``.
+    """
 
     def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._runs: list = []
 
     def __len__(self) -> int:
-        return sum(keys.size for keys, _ in self._runs)
+        return sum(run.values.size for run in self._runs)
 
     @property
     def num_runs(self) -> int:
         return len(self._runs)
 
-    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Index ``keys`` (distinct from each other and from every key held; the caller ensures it)."""
-        keys = np.asarray(keys, np.uint64)
-        if not keys.size:
+    def _build(self, values: np.ndarray, ids: np.ndarray) -> _SortedRun | _NearRun:
+        raise NotImplementedError
+
+    def add(self, values: np.ndarray, ids: np.ndarray) -> None:
+        """Index ``values`` (``uint64[n]``) under ``ids`` (``int64[n]``)."""
+        values = np.asarray(values, np.uint64)
+        if not values.size:
             return
-        order = np.argsort(keys, kind="stable")
-        self._runs.append((keys[order], np.asarray(values, np.int64)[order]))
-        while _merge_due([run[0].size for run in self._runs]):
-            (old_keys, old_values), (new_keys, new_values) = self._runs[-2:]
-            merged = np.concatenate([old_keys, new_keys])
-            # Stable sort of two sorted runs: timsort finds the runs, so the merge is linear.
-            order = np.argsort(merged, kind="stable")
-            self._runs[-2:] = [(merged[order], np.concatenate([old_values, new_values])[order])]
+        self._runs.append(self._build(values, np.asarray(ids, np.int64)))
+        while _merge_due([run.values.size for run in self._runs]):
+            old, new = self._runs[-2:]
+            merged = self._build(np.concatenate([old.values, new.values]), np.concatenate([old.ids, new.ids]))
+            self._runs[-2:] = [merged]
+
+
+class _SortedRun:
+    """One run of :class:`SortedRuns`: keys sorted, with their ids."""
+
+    def __init__(self, values: np.ndarray, ids: np.ndarray) -> None:
+        # Stable sort: on two concatenated sorted runs timsort finds them, so a merge is linear.
+        order = np.argsort(values, kind="stable")
+        self.values, self.ids = values[order], ids[order]
+
+
+class SortedRuns(_Runs):
+    """Exact map from distinct ``uint64`` keys to ``int64`` ids, as sorted runs (logarithmic method).
+
+    Keys must be distinct from each other and from every key held (the caller ensures it).
+    """
+
+    def _build(self, values: np.ndarray, ids: np.ndarray) -> _SortedRun:
+        return _SortedRun(values, ids)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
-        """``int64[n]`` the value of each key, -1 where the key is not held."""
+        """``int64[n]`` the id of each key, -1 where the key is not held."""
         keys = np.asarray(keys, np.uint64)
         out = np.full(keys.size, -1, np.int64)
-        for run_keys, run_values in self._runs:
-            at = np.minimum(np.searchsorted(run_keys, keys), run_keys.size - 1)
-            hit = run_keys[at] == keys
-            out[hit] = run_values[at[hit]]
+        for run in self._runs:
+            at = np.minimum(np.searchsorted(run.values, keys), run.values.size - 1)
+            hit = run.values[at] == keys
+            out[hit] = run.ids[at[hit]]
         return out
 
 
@@ -257,33 +279,15 @@ class _NearRun:
             first = last
 
 
-class NearIndex:
+class NearIndex(_Runs):
     """Exact Hamming-radius search over indexed ``uint64`` hashes, as runs (logarithmic method)."""
 
     def __init__(self, max_distance: int) -> None:
+        super().__init__()
         self.max_distance = max_distance
-        self._runs: list[_NearRun] = []
 
-    def __len__(self) -> int:
-        return sum(run.values.size for run in self._runs)
-
-    @property
-    def num_runs(self) -> int:
-        return len(self._runs)
-
-    def add(self, values: np.ndarray, ids: np.ndarray) -> None:
-        """Index ``values`` (``uint64[n]``) under ``ids`` (``int64[n]``)."""
-        values = np.asarray(values, np.uint64)
-        if not values.size:
-            return
-        self._runs.append(_NearRun(values, np.asarray(ids, np.int64), self.max_distance))
-        while _merge_due([run.values.size for run in self._runs]):
-            old, new = self._runs[-2:]
-            self._runs[-2:] = [
-                _NearRun(
-                    np.concatenate([old.values, new.values]), np.concatenate([old.ids, new.ids]), self.max_distance
-                )
-            ]
+    def _build(self, values: np.ndarray, ids: np.ndarray) -> _NearRun:
+        return _NearRun(values, ids, self.max_distance)
 
     def query(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(query index int64[P], id int64[P])``: every indexed hash within ``max_distance`` of a query.

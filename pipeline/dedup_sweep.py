@@ -160,6 +160,11 @@ class WaveSweep:
         return representative[row_group]
 
 
+def _column(name: str) -> property:
+    """A read-only view of the filled part of the buffer ``name`` (one per column of the state)."""
+    return property(lambda self: getattr(self, name).view)
+
+
 class DedupState:
     """The decided rows (compact columns, canonical order) and the union-find over their nodes.
 
@@ -201,33 +206,41 @@ class DedupState:
     def num_rows(self) -> int:
         return self._phash.size
 
-    @property
-    def sha_words(self) -> np.ndarray:
-        return self._sha_words.view
+    sha_words = _column("_sha_words")
+    phash = _column("_phash")
+    pixels = _column("_pixels")
+    num_bytes = _column("_num_bytes")
+    representative = _column("_representative")
+    group = _column("_group")
+    values = _column("_values")
 
-    @property
-    def phash(self) -> np.ndarray:
-        return self._phash.view
-
-    @property
-    def pixels(self) -> np.ndarray:
-        return self._pixels.view
-
-    @property
-    def num_bytes(self) -> np.ndarray:
-        return self._num_bytes.view
-
-    @property
-    def representative(self) -> np.ndarray:
-        return self._representative.view
-
-    @property
-    def group(self) -> np.ndarray:
-        return self._group.view
-
-    @property
-    def values(self) -> np.ndarray:
-        return self._values.view
+    @classmethod
+    def _of_rows(
+        cls, sha_words: np.ndarray, phash: np.ndarray, pixels: np.ndarray, num_bytes: np.ndarray, max_distance: int
+    ) -> DedupState:
+        """A state holding decided rows' columns, their digest groups and nodes (no decisions yet)."""
+        state = cls(max_distance)
+        num_rows = phash.size
+        group, group_first = digest_groups(sha_words)
+        values, node_of_group = np.unique(phash[group_first], return_inverse=True)
+        node_of_row = node_of_group.reshape(-1)[group].astype(np.int64)
+        node_first = np.full(values.size, num_rows, np.int64)
+        np.minimum.at(node_first, node_of_row, np.arange(num_rows))
+        columns = {
+            "_sha_words": sha_words,
+            "_phash": phash,
+            "_pixels": pixels,
+            "_num_bytes": num_bytes,
+            "_group": group,
+            "_group_first": group_first,
+            "_values": values,
+            "_node": node_of_row,
+            "_node_first": node_first,
+        }
+        for name, data in columns.items():
+            setattr(state, name, Buffer.of(data))
+        state.sweep = WaveSweep(values.size)
+        return state
 
     @classmethod
     def from_waves(
@@ -246,26 +259,11 @@ class DedupState:
             wave: ``int64[n]`` wave ordinal per row, non-decreasing (canonical order).
             max_distance: pHash Hamming distance that links two images.
         """
-        state = cls(max_distance)
         num_rows = phash.size
         if num_rows == 0:
-            return state
-        group, group_first = digest_groups(sha_words)
-        values, node_of_group = np.unique(phash[group_first], return_inverse=True)
-        node_of_row = node_of_group.reshape(-1)[group].astype(np.int64)
-        for buffer, data in (
-            ("_sha_words", sha_words),
-            ("_phash", phash),
-            ("_pixels", pixels),
-            ("_num_bytes", num_bytes),
-            ("_group", group),
-            ("_group_first", group_first),
-            ("_values", values),
-            ("_node", node_of_row),
-        ):
-            setattr(state, buffer, Buffer.of(data))
-        first_row = np.full(values.size, num_rows, np.int64)
-        np.minimum.at(first_row, node_of_row, np.arange(num_rows))
+            return cls(max_distance)
+        state = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
+        values, node_of_row, first_row = state.values, state._node.view, state._node_first.view
         rank = wave[first_row].astype(np.int64)
         edges = near_edges(values, max_distance, rank=rank)
         # Edges of weight r arrive with wave r: the sweep adds them in that order.
@@ -273,13 +271,11 @@ class DedupState:
         order = np.argsort(weight, kind="stable")
         edges, weight = edges[:, order], weight[order]
         num_waves = int(wave[-1]) + 1
-        state._node_first = Buffer.of(first_row)
         state._link_rows = Buffer.of(np.ascontiguousarray(first_row[edges].T))
         state._link_wave = Buffer.of(weight)
         state.num_waves = num_waves
         row_bounds = np.searchsorted(wave, np.arange(num_waves + 1))
         edge_bounds = np.searchsorted(weight, np.arange(num_waves + 1))
-        state.sweep = WaveSweep(values.size)
         representative = np.empty(num_rows, np.int64)
         for k in range(num_waves):
             lo, hi = row_bounds[k], row_bounds[k + 1]
@@ -319,18 +315,16 @@ class DedupState:
             ValueError: the links do not fit the rows, or a dropped row is not in its
                 representative's component (the persisted pieces do not belong together).
         """
-        state = cls(max_distance)
-        state.num_waves = num_waves
         num_rows = phash.size
         if num_rows == 0:
+            state = cls(max_distance)
+            state.num_waves = num_waves
             return state
         if links.size and (links.min() < 0 or links.max() >= num_rows or link_wave.max() >= num_waves):
             raise ValueError("persisted dedup links point past the decided rows")
-        group, group_first = digest_groups(sha_words)
-        values, node_of_group = np.unique(phash[group_first], return_inverse=True)
-        node_of_row = node_of_group.reshape(-1)[group].astype(np.int64)
-        node_first = np.full(values.size, num_rows, np.int64)
-        np.minimum.at(node_first, node_of_row, np.arange(num_rows))
+        state = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
+        state.num_waves = num_waves
+        values, node_of_row, node_first = state.values, state._node.view, state._node_first.view
         a, b = node_of_row[links[:, 0]], node_of_row[links[:, 1]]
         graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(values.size, values.size))
         label = connected_components(graph, directed=False)[1]
@@ -340,22 +334,10 @@ class DedupState:
         component = first_of_label[label[node_of_row]]
         if not np.array_equal(component[representative], component):
             raise ValueError("persisted dedup links disagree with the persisted decisions")
-        for buffer, data in (
-            ("_sha_words", sha_words),
-            ("_phash", phash),
-            ("_pixels", pixels),
-            ("_num_bytes", num_bytes),
-            ("_group", group),
-            ("_group_first", group_first),
-            ("_values", values),
-            ("_node", node_of_row),
-            ("_node_first", node_first),
-            ("_representative", representative),
-            ("_link_rows", np.ascontiguousarray(links, np.int64).reshape(-1, 2)),
-            ("_link_wave", np.asarray(link_wave, np.int64)),
-        ):
-            setattr(state, buffer, Buffer.of(data))
-        sweep = WaveSweep(values.size)
+        state._representative = Buffer.of(representative)
+        state._link_rows = Buffer.of(np.ascontiguousarray(links, np.int64).reshape(-1, 2))
+        state._link_wave = Buffer.of(np.asarray(link_wave, np.int64))
+        sweep = state.sweep
         # Every node points at the node of its component's first row (depth 1); that root holds the
         # component's size and its best kept row.
         root = node_of_row[first_of_label[label]]
@@ -365,7 +347,6 @@ class DedupState:
         best = _best_per_group(component[kept], kept, pixels, num_bytes, num_rows)
         is_root = root == np.arange(values.size)
         sweep.best[: values.size] = np.where(is_root, best[node_first], -1)
-        state.sweep = sweep
         return state
 
     def links(self) -> tuple[np.ndarray, np.ndarray]:

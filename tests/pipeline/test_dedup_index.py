@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from ps3_engine.pipeline.dedup_index import Buffer, NearIndex, SortedRuns, substrings
 from ps3_engine.pipeline.dedup_sweep import DedupState
-from tests.pipeline.test_dedup_waves import K, brute_force_waves, solve_rows, wave_rows
+from tests.pipeline.test_dedup_waves import K, brute_force_waves, flip_bits, solve_rows, wave_rows
 
 
 @given(st.integers(0, 8), st.data())
@@ -26,14 +26,6 @@ def test_substrings_cover_64_bits_and_satisfy_the_pigeonhole(k, data):
 def test_substrings_refuse_a_count_that_leaves_a_substring_without_radius():
     with pytest.raises(ValueError, match=r"need 1\.\.5"):
         substrings(6, 4)
-
-
-def flipped(rng: np.random.Generator, values: np.ndarray, low: int, high: int) -> np.ndarray:
-    out = values.copy()
-    for i, count in enumerate(rng.integers(low, high + 1, values.size)):
-        for bit in rng.choice(64, count, replace=False):
-            out[i] ^= np.uint64(1) << np.uint64(bit)
-    return out
 
 
 def brute_pairs(queries: np.ndarray, values: np.ndarray, ids: np.ndarray, k: int) -> set[tuple[int, int]]:
@@ -53,7 +45,7 @@ def test_near_index_finds_exactly_the_pairs_brute_force_finds_over_many_runs(k):
     for batch in range(24):
         parts = [rng.integers(0, 2**64, 300, dtype=np.uint64)]
         if held.size:
-            parts.append(flipped(rng, held[rng.integers(0, held.size, 200)], 0, k + 2))
+            parts.append(flip_bits(rng, held[rng.integers(0, held.size, 200)], 0, k + 2))
         parts.append(dense_base | rng.integers(0, 1024, 60).astype(np.uint64))
         queries = np.unique(np.concatenate(parts))
         queries = queries[~np.isin(queries, held)]
