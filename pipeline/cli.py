@@ -343,23 +343,32 @@ def _check(run_root: str) -> int:
     except StorageError as exc:  # an unreadable file: listed above; a rerun of the stages recomputes it
         print(f"conservation not checked: {exc}")
         gaps = []
-    # Stale shards wait for a rerun (their input changed since they were computed): nothing is lost, so
-    # they are listed apart and do not fail the check; before, their items were reported as lost.
-    stale = [gap for gap in gaps if gap.problem == "stale"]
-    gaps = [gap for gap in gaps if gap.problem != "stale"]
-    for gap in stale:
-        print(f"STALE {gap.describe()}")
+    # Stale shards (their input changed since they were computed) and pending ones (not computed yet, their
+    # upstream is new) wait for a rerun: nothing is lost, so they are listed apart and do not fail the
+    # check; before, a stale shard's items were reported as lost, a pending shard as a missing shard.
+    waiting = [gap for gap in gaps if gap.problem in ("stale", "pending")]
+    gaps = [gap for gap in gaps if gap.problem not in ("stale", "pending")]
+    for gap in waiting:
+        print(f"{gap.problem.upper()} {gap.describe()}")
     for gap in gaps:
         print(f"GAP {gap.describe()}")
     if damaged:
         print(f"{len(damaged)} damaged files: rerun the stages that wrote them to recompute those shards")
     problems = f"{len(gaps)} gaps" + (f", {len(damaged)} damaged files" if damaged else "")
     verdict = "OK" if not (gaps or damaged) else problems
-    if stale:
-        reruns = ", ".join(dict.fromkeys(gap.examples[0].removeprefix("rerun ") for gap in stale))
-        verdict += f"; {len(stale)} stale shards not checked (rerun {reruns})"
+    if waiting:
+        stale = sum(gap.problem == "stale" for gap in waiting)
+        counts = [f"{stale} stale {_shards(stale)} not checked"] if stale else []
+        if len(waiting) > stale:
+            counts.append(f"{len(waiting) - stale} {_shards(len(waiting) - stale)} not computed yet")
+        reruns = ", ".join(dict.fromkeys(gap.examples[0].removeprefix("rerun ") for gap in waiting))
+        verdict += f"; {', '.join(counts)} (rerun {reruns})"
     print(f"conservation check of {run_root}: {verdict}")
     return 1 if gaps or damaged else 0
+
+
+def _shards(count: int) -> str:
+    return "shard" if count == 1 else "shards"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -575,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify that every item entering each stage is in its output or errors table exactly once; "
         "exit 1 on any gap (shards whose input changed since they were computed are listed as STALE, "
-        "waiting for a rerun, and not checked)",
+        "shards whose upstream is new as PENDING: both wait for a rerun and are not checked)",
     )
     status.set_defaults(func=cmd_status)
 

@@ -14,7 +14,10 @@ A shard whose recorded input checksum is not the one its input gives now (the cr
 or an earlier stage rerun; a crawl input was re-planned and not crawled yet) is not compared: it is
 reported as ``stale`` (waiting for a rerun of its stage), as its items would differ from the new input's
 without any being lost. The expected checksums come from the runner's own task builders, so the check
-and a rerun agree on what is stale.
+and a rerun agree on what is stale. Likewise a shard not computed yet because its upstream is new (more
+sources crawled, a crawl shard committed before segment ran) is ``pending``, not a missing shard; one
+whose files or index row show it was computed before, or that failed, stays ``missing_shard``
+(:class:`~ps3_engine.pipeline.gaps.MissingShards`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections import Counter
 
 from ps3_engine.pipeline.corpus import MANIFEST_KEY as DATASET_MANIFEST_KEY
 from ps3_engine.pipeline.documents import check_documents
-from ps3_engine.pipeline.gaps import Gap, read_planned, stale_gap
+from ps3_engine.pipeline.gaps import Gap, MissingShards, read_planned, stale_gap
 from ps3_engine.pipeline.gaps import compare_items as _compare
 from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout
@@ -45,6 +48,7 @@ def _is_stale(stage: str, shard: str, recorded: str, current: str, gaps: list[Ga
 def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
     """All conservation gaps of a run (empty when every item is accounted for exactly once)."""
     gaps: list[Gap] = []
+    missing = MissingShards(layout)
     crawl = layout.manifests("crawl")
     planned = sorted(o.key.rsplit("/", 1)[-1].removesuffix(".parquet") for o in layout.storage.list("crawl/_input/"))
     excluded = layout.excluded_items()  # dedup drops, or repeats of an image when no dedup ran
@@ -52,7 +56,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
     for shard in planned:
         entry = crawl.get(shard)
         if entry is None:
-            gaps.append(Gap("crawl", shard, "missing_shard", 1, (shard,)))
+            gaps.append(missing.gap("crawl", shard, "crawl"))
             continue
         expected, planned_checksum = read_planned(layout, RunLayout.crawl_input_key(shard))
         images = layout.storage.read_parquet(entry.output_key, columns=["item_id", "image_id"]).to_pylist()
@@ -71,7 +75,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         entry = segment.get(shard)
         if entry is None:
             if segment:
-                gaps.append(Gap("segment", shard, "missing_shard", 1, (shard,)))
+                gaps.append(missing.gap("segment", shard, "segment"))
             continue
         regions = layout.storage.read_parquet(entry.output_key, columns=["region_id", "image_id"]).to_pylist()
         by_image: dict[str, list[str]] = {}
@@ -96,7 +100,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         entry = caption.get(shard)
         if entry is None:
             if caption:
-                gaps.append(Gap("caption", shard, "missing_shard", 1, (shard,)))
+                gaps.append(missing.gap("caption", shard, "caption"))
             continue
         current = caption_task(shard, segment[shard], crawl[shard]).input_checksum
         if _is_stale("caption", shard, entry.input_checksum, current, gaps):
@@ -122,7 +126,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         entry = corpus.get(shard)
         if entry is None:
             if corpus:
-                gaps.append(Gap("corpus", shard, "missing_shard", 1, (shard,)))
+                gaps.append(missing.gap("corpus", shard, "build-corpus"))
             continue
         if shard in caption:  # without its caption shard a corpus shard is compared as it is
             current = corpus_task(shard, caption[shard], segment[shard], crawl[shard]).input_checksum
@@ -131,7 +135,7 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         seen = _column(layout, entry.output_key, "image_id") + _column(layout, entry.errors_key, "item_id")
         _compare("corpus", shard, images, seen, gaps)
 
-    gaps += check_documents(layout)
+    gaps += check_documents(layout, missing)
     if layout.storage.exists(DATASET_MANIFEST_KEY):
         manifest = layout.storage.read_json(DATASET_MANIFEST_KEY)
         ids: list[str] = []

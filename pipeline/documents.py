@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from ps3_engine.infra.storage import S3Settings
-from ps3_engine.pipeline.gaps import Gap, read_planned, stale_gap
+from ps3_engine.pipeline.gaps import Gap, MissingShards, read_planned, stale_gap
 from ps3_engine.pipeline.gaps import compare_items as _compare
 from ps3_engine.pipeline.gaps import read_column as _column
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
@@ -82,11 +82,13 @@ def plan_document_corpus(layout: RunLayout) -> list[ShardTask]:
     return tasks
 
 
-def check_documents(layout: RunLayout) -> list[Gap]:
+def check_documents(layout: RunLayout, missing: MissingShards | None = None) -> list[Gap]:
     """Conservation of the document branch (``status --check``): every planned PDF left the render stage
     as page rows and/or error rows, no page twice, and every page left the corpus stage exactly once.
-    A pages' corpus shard computed from an earlier render of its shard is reported stale, not compared."""
+    A pages' corpus shard computed from an earlier render of its shard is reported stale, not compared;
+    a shard not computed yet is pending, one computed before and gone a missing shard (``missing``)."""
     gaps: list[Gap] = []
+    missing = missing or MissingShards(layout)
     render = layout.manifests(RENDER_STAGE)
     corpus = layout.manifests(CORPUS_STAGE)
     planned = sorted(
@@ -95,7 +97,7 @@ def check_documents(layout: RunLayout) -> list[Gap]:
     for shard in planned:
         entry = render.get(shard)
         if entry is None:
-            gaps.append(Gap(RENDER_STAGE, shard, "missing_shard", 1, (shard,)))
+            gaps.append(missing.gap(RENDER_STAGE, shard, "render"))
             continue
         expected, planned_checksum = read_planned(layout, render_input_key(shard))
         if planned_checksum and planned_checksum != entry.input_checksum:  # re-planned, not rendered again yet
@@ -112,7 +114,7 @@ def check_documents(layout: RunLayout) -> list[Gap]:
         corpus_entry = corpus.get(shard)
         if corpus_entry is None:
             if corpus:
-                gaps.append(Gap(CORPUS_STAGE, shard, "missing_shard", 1, (shard,)))
+                gaps.append(missing.gap(CORPUS_STAGE, shard, "build-corpus"))
             continue
         if corpus_entry.input_checksum != entry.output_checksum:  # rendered again since (plan_document_corpus)
             gaps.append(stale_gap(CORPUS_STAGE, shard, "build-corpus"))

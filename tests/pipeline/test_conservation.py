@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 
 from ps3_engine.infra.storage import Storage
@@ -71,4 +73,55 @@ def test_a_page_corpus_shard_after_render_changed_is_stale(rerun_run, tmp_path, 
     assert main(["status", str(root), "--check"]) == 0
     assert f"STALE corpus/{shard}: its input changed since it was computed; rerun build-corpus" in (
         capsys.readouterr().out
+    )
+
+
+def test_a_shard_whose_upstream_is_new_is_pending_and_one_computed_before_is_still_missing(
+    rerun_run, zoo, tmp_path, capsys
+):
+    """Before, after crawling one more source the check called the new crawl shard's segment shard a
+    missing shard and failed: it is not computed yet, waiting for a rerun of segment like a stale one.
+    A shard computed before and gone, or one that failed, still fails the check."""
+    from ps3_engine.pipeline.runner import run_crawl, run_segment
+
+    root = rerun_run.copy_run(tmp_path / "run")
+    more = tmp_path / "more.txt"
+    more.write_text(f"{zoo.url('/good/3.jpg')}\n")
+    config = rerun_run.config(root).model_copy(update={"sources": [str(rerun_run.urls), str(more)]})
+    layout = RunLayout(Storage(str(root)))
+    first, second = sorted(layout.manifests("crawl"))
+    assert run_crawl(config).computed_shards == 1
+    (new,) = set(layout.manifests("crawl")) - {first, second}
+    assert [(g.stage, g.shard_id, g.problem) for g in check_run(layout)] == [("segment", new, "pending")]
+    capsys.readouterr()
+    assert main(["status", str(root), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"PENDING segment/{new}: not computed yet; rerun segment" in out and "GAP" not in out
+    assert out.strip().splitlines()[-1] == f"conservation check of {root}: OK; 1 shard not computed yet (rerun segment)"
+
+    assert run_segment(config).computed_shards == 1
+    assert {(g.stage, g.shard_id, g.problem) for g in check_run(layout)} == {
+        ("caption", new, "pending"),
+        ("corpus", new, "pending"),
+    }
+    # Genuinely broken: a segment shard gone with its files (the stage's index folded it), a caption
+    # shard whose manifest vanished (its files remain), the new shard's caption failed in its last run.
+    for key in ("manifest_key", "output_key", "errors_key"):
+        (root / getattr(RunLayout, key)("segment", first)).unlink()
+    (root / RunLayout.manifest_key("caption", second)).unlink()
+    summary = json.loads((root / "summary.json").read_text())
+    summary["failed_shards"].append({"stage": "caption", "shard_id": new, "message": "out of memory"})
+    (root / "summary.json").write_text(json.dumps(summary))
+    assert {(g.stage, g.shard_id, g.problem) for g in check_run(layout)} == {
+        ("segment", first, "missing_shard"),
+        ("caption", second, "missing_shard"),
+        ("caption", new, "missing_shard"),
+        ("corpus", new, "pending"),
+    }
+    capsys.readouterr()
+    assert main(["status", str(root), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert f"GAP segment/{first}: 1 missing_shard" in out and f"PENDING corpus/{new}" in out
+    assert out.strip().splitlines()[-1] == (
+        f"conservation check of {root}: 3 gaps; 1 shard not computed yet (rerun build-corpus)"
     )
