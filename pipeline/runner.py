@@ -602,13 +602,44 @@ def run_pipeline(
     return results
 
 
+# The figures of the computation behind a stage's shards, which a rerun that computes nothing keeps.
+COMPUTATION_FIELDS = (
+    "planned_shards",
+    "skipped_shards",
+    "computed_shards",
+    "input_rows",
+    "wall_s",
+    "busy_s",
+    "workers",
+    "throughput_rows_per_s",
+    "busy_fraction",
+)
+
+
+def _summary_entry(result: StageRunResult, previous: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    """The stage's summary entry: this run's figures, or for a rerun that computed nothing the earlier ones.
+
+    A rerun with every shard done (``ps3-engine segment`` twice) used to replace the stage's wall time,
+    throughput and busy fraction with those of its skip check (near zero), which ``report`` then showed.
+    Its counts (rows, errors, dedup, dataset) are still this run's; ``noop_rerun_at`` records it. A
+    build-corpus that packed the dataset again did work, and is summarised as it is.
+    """
+    entry = result.to_dict()
+    repacked = bool(result.dataset and result.dataset.get("rebuilt"))
+    if previous is None or result.computed_shards or result.failed_shards or repacked:
+        return entry
+    return {**entry, **{k: previous[k] for k in COMPUTATION_FIELDS if k in previous}, "noop_rerun_at": now}
+
+
 def write_summary(layout: RunLayout, results: list[StageRunResult], reports: list[ShardReport]) -> dict:
-    """Update ``summary.json`` with these stages' results (other stages' entries are kept)."""
+    """Update ``summary.json`` with these stages' results (other stages' entries are kept; a stage rerun
+    that computed nothing keeps its entry's figures, :func:`_summary_entry`)."""
     summary: dict[str, Any] = {"stages": {}, "failed_shards": []}
     if layout.storage.exists(layout.SUMMARY_KEY):
         summary = layout.storage.read_json(layout.SUMMARY_KEY)
     updated = {r.stage for r in results}
-    summary["stages"].update({r.stage: r.to_dict() for r in results})
+    now = datetime.now(UTC).isoformat()
+    summary["stages"].update({r.stage: _summary_entry(r, summary["stages"].get(r.stage), now) for r in results})
     # Failed shards under their command's name, as `status` looks them up and as `updated` holds it:
     # build-corpus writes "corpus" (and rendered pages') shards; under the shard stage's name they were
     # never counted by status and never cleared by a later, successful build-corpus.
@@ -618,6 +649,6 @@ def write_summary(layout: RunLayout, results: list[StageRunResult], reports: lis
         for r in reports
         if r.status == "failed"
     ]
-    summary["written_at"] = datetime.now(UTC).isoformat()
+    summary["written_at"] = now
     layout.storage.write_json_atomic(layout.SUMMARY_KEY, summary)
     return summary

@@ -78,3 +78,31 @@ def test_force_recomputes_the_forced_stage_and_after_it_only_for_the_items_that_
     computed, recommitted = forced("build-corpus")
     assert computed == {"crawl": 0, "segment": 0, "caption": 0, "render": 0, "build-corpus": 3}
     assert recommitted == images | pages
+
+
+def test_a_rerun_that_computes_nothing_keeps_the_figures_of_the_computation(rerun_run, tmp_path):
+    """Before, ``ps3-engine segment`` with every shard done replaced segment's wall time, items/s and busy
+    fraction in summary.json with those of its skip check (near zero), and ``report`` showed them."""
+    from ps3_engine.pipeline.report import stage_table
+    from ps3_engine.pipeline.runner import COMPUTATION_FIELDS, run_build_corpus, run_crawl, run_segment
+
+    root = rerun_run.copy_run(tmp_path / "run")
+    config = rerun_run.config(root)
+    before = json.loads((root / "summary.json").read_text())
+    assert before["stages"]["segment"]["computed_shards"] == 2 and before["stages"]["segment"]["wall_s"] > 0
+    for run in (run_crawl, run_segment, run_build_corpus):
+        assert run(config).computed_shards == 0
+    after = json.loads((root / "summary.json").read_text())
+    for stage in ("crawl", "segment", "build-corpus"):
+        old, new = before["stages"][stage], after["stages"][stage]
+        assert {k: new[k] for k in COMPUTATION_FIELDS} == {k: old[k] for k in COMPUTATION_FIELDS}, stage
+        assert new["noop_rerun_at"] > before["written_at"] and "noop_rerun_at" not in old
+        # The rows and errors are this run's (the same); dedup and dataset say what this run did.
+        assert {k: v for k, v in new.items() if k not in ("noop_rerun_at", "dedup", "dataset")} == {
+            k: v for k, v in old.items() if k not in ("dedup", "dataset")
+        }, stage
+    assert after["stages"]["crawl"]["dedup"]["kept"] == before["stages"]["crawl"]["dedup"]["kept"]
+    assert after["stages"]["build-corpus"]["dataset"]["rebuilt"] is False
+    assert after["stages"]["build-corpus"]["dataset"]["counts"] == before["stages"]["build-corpus"]["dataset"]["counts"]
+    assert after["stages"]["caption"] == before["stages"]["caption"]
+    assert stage_table(after) == stage_table(before)
