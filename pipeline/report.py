@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 REPORT_KEY = "report/index.html"
 # Pipeline order; the summary's stage names (build-corpus) and the folders' (corpus) differ.
 SUMMARY_STAGES = ("crawl", "render", "segment", "caption", "build-corpus")
+STAGE_FOLDERS = {name: "corpus" if name == "build-corpus" else name for name in SUMMARY_STAGES}  # name -> shards
 ERROR_STAGES = ("crawl", "render", "segment", "caption", "corpus", "document-corpus")
 BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 BAR_COLOUR = "#4363d8"
@@ -113,13 +114,19 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], table_id: str)
     return f'<table id="{table_id}"><tr>{head}</tr>{body}</table>'
 
 
-def stage_table(summary: dict[str, Any]) -> str:
-    """Per-stage counts from summary.json, in pipeline order."""
+def stage_table(summary: dict[str, Any], committed: dict[str, int] | None = None) -> str:
+    """Per-stage counts from summary.json, in pipeline order.
+
+    A stage with ``committed`` shards but no summary entry (a lost summary, or one written before the
+    stage was summarised) still gets a row, with its shard count only: before, it was left out.
+    """
     stages = summary.get("stages", {})
     rows = []
     for name in (*SUMMARY_STAGES, *sorted(set(stages) - set(SUMMARY_STAGES))):
         s = stages.get(name)
         if s is None:
+            if (committed or {}).get(name):
+                rows.append([html.escape(name), f"{committed[name]} committed (not in summary.json)", *["-"] * 6])
             continue
         rows.append(
             [
@@ -327,7 +334,7 @@ def build_report(
     return PAGE.format(
         title=html.escape(f"PS3 data engine run: {run_root}"),
         run_root=html.escape(run_root),
-        stages=stage_table(summary),
+        stages=stage_table(summary, {name: len(layout.manifests(folder)) for name, folder in STAGE_FOLDERS.items()}),
         counts=counts_table(counts, dataset),
         plots="".join(plots),
         failures=failures,

@@ -28,7 +28,7 @@ from ps3_engine.pipeline.documents import plan_document_corpus
 from ps3_engine.pipeline.layout import RunLayout, ShardTask
 from ps3_engine.pipeline.run_state import RunningRecord, read_running
 from ps3_engine.pipeline.runner import plan_caption, plan_corpus_rows, plan_segment
-from ps3_engine.pipeline.shard_index import parallel_map
+from ps3_engine.pipeline.shard_index import list_manifests, parallel_map
 
 
 @dataclass
@@ -190,9 +190,13 @@ def run_status(run_root: str, s3: S3Settings | None = None) -> dict[str, Any]:
         ("render", "render", lambda layout: _planned_inputs(layout, "render")),
         ("corpus", "build-corpus", plan_corpus_rows),
     ):
-        # The document branch's render only where it ran (a summary or in-progress record says so), so an
-        # image-only run reads nothing more; before, status left render out, its errors and failures too.
-        if stage == "render" and not ("render" in summary.get("stages", {}) or "render" in running):
+        # The document branch's render only where it ran: it has shards, or a summary or in-progress record
+        # says so (an image-only run lists one empty folder more, reads nothing more). Before, the render
+        # shards of a run whose summary had no render entry (lost, or written by an older version) and
+        # their pages' corpus shards went unlisted.
+        if stage == "render" and not (
+            "render" in summary.get("stages", {}) or "render" in running or list_manifests(layout.storage, "render")
+        ):
             continue
         tasks = planner(layout)
         # Rendered pages' corpus shards (their own fingerprint) count towards build-corpus too: before, a

@@ -137,3 +137,23 @@ def test_a_failed_corpus_shard_is_summarised_under_build_corpus_and_cleared_by_i
     kept = write_summary(layout, [crawl], [ShardReport("crawl", "c1", "computed")])
     assert [f["stage"] for f in kept["failed_shards"]] == ["build-corpus"]  # another stage's run keeps it
     assert write_summary(layout, [result([])], [ShardReport("corpus", "s1", "computed")])["failed_shards"] == []
+
+
+def test_status_and_report_list_render_shards_without_a_summary_entry(rerun_run, tmp_path, capsys):
+    """Before, status listed render only when summary.json had a render entry (or one was in progress),
+    so the render shards of a run whose summary lacked it went unlisted, and so did their corpus
+    shards under build-corpus; the report's stage table left such a stage out too."""
+    from ps3_engine.pipeline.report import build_report
+
+    root = rerun_run.copy_run(tmp_path / "run")
+    summary = json.loads((root / "summary.json").read_text())
+    del summary["stages"]["render"]
+    (root / "summary.json").write_text(json.dumps(summary))
+    stages = run_status(str(root))["stages"]
+    assert list(stages) == ["crawl", "segment", "caption", "render", "build-corpus"]
+    assert (stages["render"].state, stages["render"].done) == ("done", 1)
+    assert stages["build-corpus"].done == 3  # the images' two corpus shards and the pages' one
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 0
+    assert "  render        done" in capsys.readouterr().out
+    assert "<td>render</td><td>1 committed (not in summary.json)</td>" in build_report(str(root), samples=0)
