@@ -12,7 +12,9 @@ depends on timing or on which shards committed. Rows are in canonical order: by 
 Decision of wave k, against every row of the waves decided before it:
 
 * rows are linked when their pHashes are within ``max_distance`` bits or their sha256 are equal
-  (exact: permuted sorted tables, ``pipeline/near_dup.py``, no cap, no missed pair);
+  (exact: permuted sorted tables, ``pipeline/near_dup.py``, no cap, no missed pair); a byte copy
+  counts with the pHash of the first row of its sha256 (``pipeline/dedup_sweep.py``), should the
+  copies' own pHashes differ;
 * a connected component (over the rows of waves <= k) that holds an earlier row drops every new row
   in it against its primary representative: the best (most pixels, then most bytes, then earliest
   canonical position) of the component's earlier *kept* rows. Earlier rows never change status, so
@@ -400,6 +402,12 @@ class WaveDedup:
                 compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, self.max_distance
             )
             assert np.array_equal(state.representative, persisted), "persisted dedup waves disagree"
+        live = {w.file_key for w in chain}
+        if any(obj.key not in live for obj in self.layout.storage.list(WAVES_PREFIX)):
+            # Waves off the chain are stale; kept, one could rejoin the chain ahead of the waves this
+            # gate decides (its shards committed again) and overturn their decisions.
+            self._forget_drop_table()
+            delete_obsolete(self.layout, live)
         self._waves = {w.key: w for w in chain}
         self._last = chain[-1] if chain else None
         self._undecided = set(current) - set(self._waves)
@@ -451,10 +459,16 @@ class WaveDedup:
         self._state.add_wave(compact.sha_words, compact.phash, compact.pixels, compact.num_bytes)
         state = self._state
         table = wave_table(wave, tables, compact, state.representative, state.group, state.phash)
+        self._forget_drop_table()
         write_wave(self.layout, wave, table, self.max_distance, self.wave_shards)
         self._waves[key], self._last = wave, wave
         self._undecided.discard(key)
         return self._drops_by_shard(table, shard_ids)
+
+    def _forget_drop_table(self) -> None:
+        """Delete run_dedup's manifest before the wave files change: it vouches for a drop table of the
+        waves as they were, and a run_dedup over the same shards would otherwise return that table."""
+        self.layout.storage.delete(self.layout.DEDUP_MANIFEST_KEY)
 
     def _checksums(self, shard_ids: list[str]) -> dict[str, str]:
         entries = {s: self.layout.read_manifest("crawl", s) for s in sorted(shard_ids, key=shard_order_key)}
