@@ -142,4 +142,3 @@ def box_edge_density(edges: np.ndarray, boxes: list[BoxXYXY], full_width: int, f
         count = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
         densities[index] = count / max(1, (x1 - x0) * (y1 - y0))
     return densities
-

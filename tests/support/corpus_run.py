@@ -167,4 +167,3 @@ def build_provenance_run(base: Path, captioner: Path) -> ProvenanceRun:
             assert (base / "run" / MANIFEST_KEY).exists()
         _BUILT[base] = ProvenanceRun(config, list_path, rows, upright, planted)
     return _BUILT[base]
-
