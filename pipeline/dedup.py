@@ -384,6 +384,8 @@ class WaveDedup:
         self.wave_shards = wave_shards
         self._state: DedupState | None = None
         self._waves: dict[tuple[str, int], Wave] = {}
+        self._decided: list[Wave] = []  # in decided order (the chain)
+        self._links_stale = False
         self._last: Wave | None = None
         self._undecided: set[tuple[str, int]] = set()
 
@@ -409,6 +411,8 @@ class WaveDedup:
             self._forget_drop_table()
             delete_obsolete(self.layout, live)
         self._waves = {w.key: w for w in chain}
+        self._decided = list(chain)
+        self._links_stale = how != "rebuilt from their links"
         self._last = chain[-1] if chain else None
         self._undecided = set(current) - set(self._waves)
         logger.info("dedup: %d persisted waves (%d rows) reused, %s", len(chain), state.num_rows, how)
@@ -462,8 +466,21 @@ class WaveDedup:
         self._forget_drop_table()
         write_wave(self.layout, wave, table, self.max_distance, self.wave_shards)
         self._waves[key], self._last = wave, wave
+        self._decided.append(wave)
+        self._links_stale = True
         self._undecided.discard(key)
         return self._drops_by_shard(table, shard_ids)
+
+    def persist_links(self) -> None:
+        """Write the links of every decided wave, once no more waves are coming (the run's crawl is done).
+
+        A later :func:`run_dedup` increment then rebuilds these waves from them instead of searching
+        their pairs again. Writes nothing when this gate decided nothing and found the links current.
+        """
+        if self._state is None or not self._decided or not self._links_stale:
+            return
+        write_links(self.layout, *self._state.links(), self._decided)
+        self._links_stale = False
 
     def _forget_drop_table(self) -> None:
         """Delete run_dedup's manifest before the wave files change: it vouches for a drop table of the

@@ -241,6 +241,9 @@ class DedupGate:
                     task = segment_task(shard, entry, excluded.get(shard, ())) if entry else None
                     released.append((shard, task, self.arrived.pop(shard)))
             self.next_wave += 1
+        if self.dedup is not None and released and self.next_wave == len(self.order):
+            # The last wave is decided: persist the links so a later increment need not search again.
+            self.dedup.persist_links()
         return released
 
     def _repeated_images(self, entries: dict[str, ManifestEntry]) -> dict[str, tuple[str, ...]]:

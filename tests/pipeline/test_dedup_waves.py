@@ -446,3 +446,30 @@ def test_a_restarted_streaming_gate_rebuilds_decided_waves_from_their_links(tmp_
         commit_crawl_shard(staged, shard_id, shards[shard_id])
     run_dedup(staged, K, wave_shards=2)
     assert drop_rows(layout) == drop_rows(staged)
+
+
+def test_links_persisted_by_the_streaming_gate_serve_the_next_increment(tmp_path):
+    """The gate decides waves 0-2 and persists their links at the end of its run; one more wave of
+    shards commits and run_dedup rebuilds 0-2 from the links instead of searching their pairs, with
+    the drops of a fresh stage-by-stage run."""
+    rows = wave_rows(3000, num_waves=4, seed=55)
+    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
+    ids = sorted(shards)
+    layout = RunLayout(Storage(str(tmp_path / "run")))
+    for shard_id in ids[:6]:
+        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    gate = WaveDedup(layout, K, wave_shards=2)
+    gate.persist_links()  # nothing decided yet: nothing written
+    assert not layout.storage.exists("crawl/_dedup/links.parquet")
+    for start in (0, 2, 4):
+        gate.decide(ids[start : start + 2])
+    gate.persist_links()
+    for shard_id in ids[6:]:
+        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    outcome = run_dedup(layout, K, wave_shards=2)
+    assert (outcome.resumed, outcome.waves_computed, outcome.waves_reused) == (True, 1, 3)
+    fresh = RunLayout(Storage(str(tmp_path / "fresh")))
+    for shard_id in ids:
+        commit_crawl_shard(fresh, shard_id, shards[shard_id])
+    run_dedup(fresh, K, wave_shards=2)
+    assert drop_rows(layout) == drop_rows(fresh)

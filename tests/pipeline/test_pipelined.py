@@ -130,6 +130,8 @@ def test_pipelined_in_process_equals_stage_by_stage(site, tiny_captioner, stage_
     assert "copy-of-0.jpg" not in urls and "smaller-0.jpg" not in urls
     crawl = results[0]
     assert crawl.dedup and crawl.dedup["dropped_exact"] == 2 and crawl.dedup["dropped_near"] == 2
+    # The gate left the links of its waves for the next increment.
+    assert (root / "crawl/_dedup/links.parquet").exists()
 
     # A rerun computes nothing and keeps the corpus.
     again = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"))
