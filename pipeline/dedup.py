@@ -233,13 +233,7 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
         state = _resume(layout, waves, compact, persisted, max_distance)
         resumed = state is not None
         if state is None:
-            wave_of_row = np.repeat(np.arange(len(waves), dtype=np.int64), counts)
-            state = DedupState.from_waves(
-                compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, max_distance
-            )
-            reused = persisted >= 0
-            # Internal invariant: the persisted decisions are a function of what their chain fingerprints cover.
-            assert np.array_equal(state.representative[reused], persisted[reused]), "persisted dedup waves disagree"
+            state = _search_all(compact, counts, persisted, max_distance)
         representative, group, links = state.representative, state.group, state.links()
         del state
     else:
@@ -286,6 +280,18 @@ def run_dedup(layout: RunLayout, max_distance: int, wave_shards: int = 64) -> De
         outcome.rows_read,
     )
     return outcome
+
+
+def _search_all(compact: Compact, counts: list[int], persisted: np.ndarray, max_distance: int) -> DedupState:
+    """Decide every wave by one pair search over all rows (``counts``: rows per wave, in order)."""
+    wave_of_row = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    state = DedupState.from_waves(
+        compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, max_distance
+    )
+    reused = persisted >= 0
+    # Internal invariant: the persisted decisions are a function of what their chain fingerprints cover.
+    assert np.array_equal(state.representative[reused], persisted[reused]), "persisted dedup waves disagree"
+    return state
 
 
 def _from_links(
@@ -396,14 +402,10 @@ class WaveDedup:
         chain = persisted_chain(self.layout, current, self.max_distance, self.wave_shards)
         compact, persisted, counts, _ = read_compact(self.layout, chain, {})
         state = _from_links(self.layout, chain, compact, persisted, self.max_distance) if chain else None
-        how = "rebuilt from their links"
+        # Links rebuilt from the file are current; a state found by a pair search has links to write.
+        self._links_stale = state is None
         if state is None:
-            how = "searched again"
-            wave_of_row = np.repeat(np.arange(len(chain), dtype=np.int64), counts)
-            state = DedupState.from_waves(
-                compact.sha_words, compact.phash, compact.pixels, compact.num_bytes, wave_of_row, self.max_distance
-            )
-            assert np.array_equal(state.representative, persisted), "persisted dedup waves disagree"
+            state = _search_all(compact, counts, persisted, self.max_distance)
         live = {w.file_key for w in chain}
         if any(obj.key not in live for obj in self.layout.storage.list(WAVES_PREFIX)):
             # Waves off the chain are stale; kept, one could rejoin the chain ahead of the waves this
@@ -412,9 +414,9 @@ class WaveDedup:
             delete_obsolete(self.layout, live)
         self._waves = {w.key: w for w in chain}
         self._decided = list(chain)
-        self._links_stale = how != "rebuilt from their links"
         self._last = chain[-1] if chain else None
         self._undecided = set(current) - set(self._waves)
+        how = "searched again" if self._links_stale else "rebuilt from their links"
         logger.info("dedup: %d persisted waves (%d rows) reused, %s", len(chain), state.num_rows, how)
         return state
 

@@ -404,10 +404,8 @@ def read_links(layout: RunLayout, prefix: list[Wave]) -> tuple[np.ndarray, np.nd
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         logger.warning("dedup links %s are unreadable (%s): recomputing", storage.uri(LINKS_KEY), exc)
         return None
-    inside = pc.less(table["wave"], len(prefix))
-    table = table.filter(inside)
-    links = np.stack([table["a"].to_numpy(), table["b"].to_numpy()], axis=1) if table.num_rows else None
-    return (links if links is not None else np.empty((0, 2), np.int64)), table["wave"].to_numpy()
+    table = table.filter(pc.less(table["wave"], len(prefix)))
+    return np.stack([table["a"].to_numpy(), table["b"].to_numpy()], axis=1), table["wave"].to_numpy()
 
 
 class DropRows:

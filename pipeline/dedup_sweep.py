@@ -79,7 +79,6 @@ class WaveSweep:
     """Union-find over nodes holding each component's best kept row; decides one wave at a time."""
 
     def __init__(self, num_nodes: int) -> None:
-        self.num_nodes = 0
         self.parent = np.empty(0, np.int64)
         self.size = np.empty(0, np.int64)
         self.best = np.empty(0, np.int64)
@@ -89,7 +88,7 @@ class WaveSweep:
         """Add singleton nodes up to ``num_nodes`` (new pHashes of a streamed wave).
 
         The arrays keep spare capacity (doubling), so a run of streamed waves copies them O(log N)
-        times, not once per wave; entries past ``num_nodes`` are singletons never referenced.
+        times, not once per wave; entries past the nodes in use are singletons never referenced.
         """
         capacity = self.parent.size
         if num_nodes > capacity:
@@ -97,7 +96,6 @@ class WaveSweep:
             self.parent = np.concatenate([self.parent, np.arange(capacity, grown, dtype=np.int64)])
             self.size = np.concatenate([self.size, np.ones(grown - capacity, np.int64)])
             self.best = np.concatenate([self.best, np.full(grown - capacity, -1, np.int64)])
-        self.num_nodes = max(self.num_nodes, num_nodes)
 
     def find(self, nodes: np.ndarray) -> np.ndarray:
         """Root of each node, compressing the paths of the queried nodes (union by size keeps depth log n)."""
@@ -186,7 +184,6 @@ class DedupState:
         self._representative = Buffer(np.int64)
         self._group = Buffer(np.int64)  # digest group per row (equal: byte copies)
         self._group_first = Buffer(np.int64)  # first row of each digest group
-        self._node = Buffer(np.int64)  # node per row
         self._node_first = Buffer(np.int64)  # first row of each node
         # The links that formed the components, as rows (first rows of their nodes) with the ordinal
         # of the wave they arrived with: persisted, they let a later dedup rebuild the components
@@ -217,8 +214,8 @@ class DedupState:
     @classmethod
     def _of_rows(
         cls, sha_words: np.ndarray, phash: np.ndarray, pixels: np.ndarray, num_bytes: np.ndarray, max_distance: int
-    ) -> DedupState:
-        """A state holding decided rows' columns, their digest groups and nodes (no decisions yet)."""
+    ) -> tuple[DedupState, np.ndarray]:
+        """A state holding decided rows' columns, digest groups and nodes (no decisions yet), and the node per row."""
         state = cls(max_distance)
         num_rows = phash.size
         group, group_first = digest_groups(sha_words)
@@ -234,13 +231,12 @@ class DedupState:
             "_group": group,
             "_group_first": group_first,
             "_values": values,
-            "_node": node_of_row,
             "_node_first": node_first,
         }
         for name, data in columns.items():
             setattr(state, name, Buffer.of(data))
         state.sweep = WaveSweep(values.size)
-        return state
+        return state, node_of_row
 
     @classmethod
     def from_waves(
@@ -262,8 +258,8 @@ class DedupState:
         num_rows = phash.size
         if num_rows == 0:
             return cls(max_distance)
-        state = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
-        values, node_of_row, first_row = state.values, state._node.view, state._node_first.view
+        state, node_of_row = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
+        values, first_row = state.values, state._node_first.view
         rank = wave[first_row].astype(np.int64)
         edges = near_edges(values, max_distance, rank=rank)
         # Edges of weight r arrive with wave r: the sweep adds them in that order.
@@ -322,9 +318,9 @@ class DedupState:
             return state
         if links.size and (links.min() < 0 or links.max() >= num_rows or link_wave.max() >= num_waves):
             raise ValueError("persisted dedup links point past the decided rows")
-        state = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
+        state, node_of_row = cls._of_rows(sha_words, phash, pixels, num_bytes, max_distance)
         state.num_waves = num_waves
-        values, node_of_row, node_first = state.values, state._node.view, state._node_first.view
+        values, node_first = state.values, state._node_first.view
         a, b = node_of_row[links[:, 0]], node_of_row[links[:, 1]]
         graph = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(values.size, values.size))
         label = connected_components(graph, directed=False)[1]
@@ -417,8 +413,9 @@ class DedupState:
         row_node = self._nodes.find(effective)
         unknown = row_node < 0
         fresh, fresh_of_row = np.unique(effective[unknown], return_inverse=True)
+        fresh_of_row = fresh_of_row.reshape(-1)
         fresh_ids = num_nodes + np.arange(fresh.size)
-        row_node[unknown] = fresh_ids[fresh_of_row.reshape(-1)]
+        row_node[unknown] = fresh_ids[fresh_of_row]
         edges = np.empty((2, 0), np.int64)
         if fresh.size:
             query, old = self._near.query(fresh)
@@ -428,9 +425,8 @@ class DedupState:
             self._nodes.add(fresh, fresh_ids)
             self._near.add(fresh, fresh_ids)
             first = np.full(fresh.size, num_old + num_new, np.int64)
-            np.minimum.at(first, row_node[unknown] - num_nodes, num_old + np.flatnonzero(unknown))
+            np.minimum.at(first, fresh_of_row, num_old + np.flatnonzero(unknown))
             self._node_first.append(first)
-        self._node.append(row_node)
         node_first = self._node_first.view
         self._link_rows.append(np.stack([node_first[edges[0]], node_first[edges[1]]], axis=1))
         self._link_wave.append(np.full(edges.shape[1], self.num_waves, np.int64))
