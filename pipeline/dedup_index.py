@@ -34,6 +34,8 @@ from math import comb, log2
 
 import numpy as np
 
+from ps3_engine.pipeline.near_dup import sort_keys
+
 # Query rows per probe batch and candidate pairs verified per batch (bound the temporary arrays).
 PROBE_BATCH = 4_000_000
 PAIR_BATCH = 4_000_000
@@ -200,24 +202,15 @@ class _NearRun:
         index_type = np.int32 if values.size < 2**31 else np.int64
         for shift, width, _ in self.layout:
             key = self._key(values, shift, width)
-            order = self._argsort(key, width).astype(index_type)
-            self.order.append(order)
+            order, sorted_key = sort_keys(key, width)
+            self.order.append(order.astype(index_type))
             if _direct(values.size, width):
                 counts = np.bincount(key, minlength=1 << width)
                 self.offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(index_type))
                 self.keys.append(None)
             else:
-                self.keys.append(key[order])
+                self.keys.append(sorted_key.astype(key.dtype))
                 self.offsets.append(None)
-
-    @staticmethod
-    def _argsort(key: np.ndarray, width: int) -> np.ndarray:
-        """Stable argsort of ``width``-bit keys: one sort of (key, position) packed in a uint64 when it fits."""
-        index_bits = max(int(key.size).bit_length(), 1)
-        if width + index_bits > 64:
-            return np.argsort(key, kind="stable")
-        packed = np.sort((key.astype(np.uint64) << np.uint64(index_bits)) | np.arange(key.size, dtype=np.uint64))
-        return (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
 
     @staticmethod
     def _key(values: np.ndarray, shift: int, width: int) -> np.ndarray:

@@ -283,15 +283,8 @@ def _table(
         new_keys = new_keys[np.r_[True, new_keys[1:] != new_keys[:-1]]]
         at = np.minimum(np.searchsorted(new_keys, key), new_keys.size - 1)
         members = np.flatnonzero(new_keys[at] == key)
-    # Sort (key, position) packed in one uint64 when it fits: np.sort is much faster than argsort.
-    index_bits = max(int(members.size).bit_length(), 1)
-    if key_mask.bit_count() + index_bits <= 64:
-        packed = np.sort((key[members] << np.uint64(index_bits)) | np.arange(members.size, dtype=np.uint64))
-        order = members[(packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)]
-        sorted_key = packed >> np.uint64(index_bits)
-    else:
-        order = members[np.argsort(key[members], kind="stable")]
-        sorted_key = key[order]
+    local, sorted_key = sort_keys(key[members], key_mask.bit_count())
+    order = members[local]
     del key
     starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
     sizes = np.diff(np.r_[starts, sorted_key.size])
@@ -302,6 +295,19 @@ def _table(
         _search(values[group], ids[group], rest_mask, k, group_new, sink)
     small = (sizes >= 2) & (sizes <= GROUP_LIMIT)
     _pairs_in_groups(values, ids, order, starts[small], sizes[small], k, is_new, sink)
+
+
+def sort_keys(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(order int64[n], key[order])``: a stable argsort of ``key_bits``-bit keys and the sorted keys.
+
+    Sorts (key, position) packed in one uint64 when they fit: np.sort is much faster than argsort.
+    """
+    index_bits = max(int(key.size).bit_length(), 1)
+    if key_bits + index_bits > 64:
+        order = np.argsort(key, kind="stable")
+        return order, key[order]
+    packed = np.sort((key.astype(np.uint64) << np.uint64(index_bits)) | np.arange(key.size, dtype=np.uint64))
+    return (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64), packed >> np.uint64(index_bits)
 
 
 def _pairs_in_groups(
