@@ -225,6 +225,15 @@ def split_into_shards(rows: dict[str, np.ndarray], prefix: str, shards_per_wave:
     return shards
 
 
+def fresh_run_drops(root, shards: dict[str, dict]) -> list[dict]:
+    """The drop rows of a stage-by-stage dedup of ``shards`` committed into a new run at ``root``."""
+    layout = RunLayout(Storage(str(root)))
+    for shard_id, part in shards.items():
+        commit_crawl_shard(layout, shard_id, part)
+    run_dedup(layout, K, wave_shards=2)
+    return drop_rows(layout)
+
+
 def drop_rows(layout: RunLayout) -> list[dict]:
     table = layout.storage.read_parquet(layout.DEDUP_KEY).drop_columns(["created_at"])
     return sorted(table.to_pylist(), key=lambda r: (r["shard_id"], r["item_id"]))
@@ -350,12 +359,9 @@ def test_streaming_decisions_equal_the_stage_by_stage_run(tmp_path, wave_data):
     assert again.decide(by_wave[("0a1b2c3d", 2)]) == {s: decided[s] for s in by_wave[("0a1b2c3d", 2)]}
     outcome = run_dedup(streamed, K, wave_shards=2)
     assert (outcome.waves_computed, outcome.waves_reused, outcome.rows_read) == (0, 4, 0)
-    staged = RunLayout(Storage(str(tmp_path / "staged")))
-    for shard_id, part in shards.items():
-        commit_crawl_shard(staged, shard_id, part)
-    run_dedup(staged, K, wave_shards=2)
-    assert drop_rows(streamed) == drop_rows(staged)
-    assert streamed.dropped_item_ids() == staged.dropped_item_ids()
+    staged_drops = fresh_run_drops(tmp_path / "staged", shards)
+    assert drop_rows(streamed) == staged_drops
+    assert streamed.dropped_item_ids() == {r["item_id"] for r in staged_drops}
 
 
 def test_digest_groups_are_exact_even_when_first_words_collide():
@@ -399,25 +405,17 @@ def test_increments_rebuild_the_decided_waves_from_their_links_and_match_a_fresh
     assert [(o.waves_computed, o.waves_reused) for o in outcomes] == [(2, 0), (3, 2), (2, 4)]
     assert {r["item_id"] for r in drop_rows(layout)} == expected_drops(rows, shards)
 
-    fresh = RunLayout(Storage(str(tmp_path / "fresh")))
-    for shard_id in ids:
-        commit_crawl_shard(fresh, shard_id, shards[shard_id])
-    run_dedup(fresh, K, wave_shards=2)
-    assert drop_rows(layout) == drop_rows(fresh)
+    assert drop_rows(layout) == fresh_run_drops(tmp_path / "fresh", shards)
 
     # Damaged links: ignored with a warning, every wave searched again; the same drops.
     links_key = "crawl/_dedup/links.parquet"
-    layout.storage.write_bytes_atomic(links_key, fresh.storage.read_bytes(links_key)[:100])
+    layout.storage.write_bytes_atomic(links_key, layout.storage.read_bytes(links_key)[:100])
     victim = ids[-1]
     commit_crawl_shard(layout, victim, {name: column[:-5] for name, column in shards[victim].items()})
     damaged = run_dedup(layout, K, wave_shards=2)
     assert (damaged.resumed, damaged.waves_computed) == (False, 1)
     changed = {**shards, victim: {name: column[:-5] for name, column in shards[victim].items()}}
-    again = RunLayout(Storage(str(tmp_path / "again")))
-    for shard_id in ids:
-        commit_crawl_shard(again, shard_id, changed[shard_id])
-    run_dedup(again, K, wave_shards=2)
-    assert drop_rows(layout) == drop_rows(again)
+    assert drop_rows(layout) == fresh_run_drops(tmp_path / "again", changed)
 
 
 def test_a_restarted_streaming_gate_rebuilds_decided_waves_from_their_links(tmp_path, caplog):
@@ -441,11 +439,7 @@ def test_a_restarted_streaming_gate_rebuilds_decided_waves_from_their_links(tmp_
         i for i in expected_drops(rows, shards) if i.rsplit("-", 1)[0] in {f"item-{s}" for s in ids[4:]}
     }
     run_dedup(layout, K, wave_shards=2)
-    staged = RunLayout(Storage(str(tmp_path / "staged")))
-    for shard_id in ids:
-        commit_crawl_shard(staged, shard_id, shards[shard_id])
-    run_dedup(staged, K, wave_shards=2)
-    assert drop_rows(layout) == drop_rows(staged)
+    assert drop_rows(layout) == fresh_run_drops(tmp_path / "staged", shards)
 
 
 def test_links_persisted_by_the_streaming_gate_serve_the_next_increment(tmp_path):
@@ -468,8 +462,4 @@ def test_links_persisted_by_the_streaming_gate_serve_the_next_increment(tmp_path
         commit_crawl_shard(layout, shard_id, shards[shard_id])
     outcome = run_dedup(layout, K, wave_shards=2)
     assert (outcome.resumed, outcome.waves_computed, outcome.waves_reused) == (True, 1, 3)
-    fresh = RunLayout(Storage(str(tmp_path / "fresh")))
-    for shard_id in ids:
-        commit_crawl_shard(fresh, shard_id, shards[shard_id])
-    run_dedup(fresh, K, wave_shards=2)
-    assert drop_rows(layout) == drop_rows(fresh)
+    assert drop_rows(layout) == fresh_run_drops(tmp_path / "fresh", shards)
