@@ -190,8 +190,15 @@ def summarise(
     workers: int = 1,
     kept_rows: int | None = None,
     dedup: dict[str, Any] | None = None,
+    fold: bool = True,
 ) -> StageRunResult:
-    layout.compact(stage)  # fold this execution's manifests into the stage index (pipeline/shard_index.py)
+    """The stage's result from its reports and its committed shards.
+
+    ``fold``: first fold this execution's manifests into the stage index (``pipeline/shard_index.py``);
+    off for a command that ran nothing and writes nothing.
+    """
+    if fold:
+        layout.compact(stage)
     errors = layout.read_errors(stage).select(["category", "reason"]).to_pylist()
     output_rows = sum(m.output_rows for m in layout.manifests(stage).values())
     computed = [r for r in reports if r.status == "computed"]
@@ -363,23 +370,9 @@ def _retry_crawl(config: RunConfig, layout: RunLayout, started: float) -> StageR
         return _finish_crawl(config, layout, len(committed), reports, started)
     logger.info("crawl: nothing to retry (no transient failure recorded in %s)", config.run_root)
     output_rows = sum(entry.output_rows for entry in committed.values())
-    by_reason: dict[str, Counter[str]] = {"failed": Counter(), "filtered": Counter()}
-    for (category, reason), rows in layout.error_counts("crawl").items():
-        by_reason.setdefault(category, Counter())[reason] += rows
-    return StageRunResult(
-        stage="crawl",
-        planned_shards=len(committed),
-        skipped_shards=len(committed),
-        computed_shards=0,
-        failed_shards=[],
-        input_rows=0,
-        output_rows=output_rows,
-        error_rows=sum(sum(reasons.values()) for reasons in by_reason.values()),
-        wall_s=time.perf_counter() - started,
-        busy_s=0.0,
-        kept_rows=output_rows - len(layout.dropped_item_ids()),
-        errors_by_reason=dict(by_reason["failed"]),
-        filtered_by_reason=dict(by_reason["filtered"]),
+    kept_rows = output_rows - len(layout.dropped_item_ids())
+    return summarise(
+        layout, "crawl", [], len(committed), time.perf_counter() - started, kept_rows=kept_rows, fold=False
     )
 
 
