@@ -93,7 +93,6 @@ def check_run(layout: RunLayout, global_captions: bool = True) -> list[Gap]:
         if duplicated:
             gaps.append(Gap("segment", shard, "duplicated", len(duplicated), tuple(duplicated[:5])))
         _compare("segment", shard, images, list(by_image) + _column(layout, entry.errors_key, "item_id"), gaps)
-        regions_of[shard] = by_image
 
     caption = layout.manifests("caption")
     for shard, by_image in sorted(regions_of.items()):
