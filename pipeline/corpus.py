@@ -281,13 +281,12 @@ def build_corpus(
         results = (write_output_shard(storage, shard) for shard in plan)
     # Counted in images like the stages (not in packed shards), plain lines without a terminal.
     bar = ItemProgress("pack", len(plan), progress)
-    for shard in plan:
-        size = sum(len(piece.indices) for piece in shard.slices)
+    sizes = [sum(len(piece.indices) for piece in shard.slices) for shard in plan]
+    for size in sizes:
         bar.on_batch("input", size, 0, 0)
     written = []
-    for shard, result in zip(plan, results, strict=True):
+    for size, result in zip(sizes, results, strict=True):
         written.append(result)
-        size = sum(len(piece.indices) for piece in shard.slices)
         bar.on_batch("process", size, size, 0)
     bar.close()
     manifest = _manifest(written, fingerprint, fingerprints, config, extra)
