@@ -19,6 +19,8 @@ from botocore.config import Config
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing-secret"
+# Free disk space under which the test server refuses writes (an absolute size, not SeaweedFS's 1% default).
+MIN_FREE_SPACE = "16MiB"
 
 
 def free_port() -> int:
@@ -41,14 +43,14 @@ class SeaweedS3:
     process: subprocess.Popen
     data_dir: Path
 
-    def client(self):
+    def client(self, max_attempts: int = 3, read_timeout_s: float = 60.0):
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name="us-east-1",
-            config=Config(retries={"max_attempts": 3}),
+            config=Config(retries={"max_attempts": max_attempts}, read_timeout=read_timeout_s),
         )
 
     def env(self) -> dict[str, str]:
@@ -122,6 +124,10 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
         # "No writable volumes" (an S3 InternalError). Empty volumes are sparse files.
         "-volume.max=1000",
         "-master.volumeSizeLimitMB=32",
+        # SeaweedFS turns every volume read-only when the disk's free space falls under 1% of its size by
+        # default: on a CI machine with a large, well-filled disk (2.5 GB of 252 GB) every S3 write then
+        # failed after two minutes of retries while everything else passed. The tests write a few MB.
+        f"-volume.minFreeSpace={MIN_FREE_SPACE}",
     ]
     log = (data_dir / "weed.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,10 +138,34 @@ def start_seaweed(data_dir: Path, timeout_s: float = 60.0) -> SeaweedS3:
             raise RuntimeError(f"weed exited early: {(data_dir / 'weed.log').read_text()[-2000:]}")
         try:
             server.client().create_bucket(Bucket="ready-check")
-            return server
+            break
         except Exception:
             time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(
-        f"SeaweedFS S3 did not answer within {timeout_s}s: {(data_dir / 'weed.log').read_text()[-2000:]}"
-    )
+    else:
+        server.stop()
+        raise RuntimeError(
+            f"SeaweedFS S3 did not answer within {timeout_s}s: {(data_dir / 'weed.log').read_text()[-2000:]}"
+        )
+    _check_writable(server)
+    return server
+
+
+def _check_writable(server: SeaweedS3) -> None:
+    """Write, read back and delete one object, or stop the server and raise at once.
+
+    A server that answers but whose volumes are read-only (a full disk) accepts bucket creation and fails
+    every upload only after minutes of retries (each try waits a minute for the server to give up); one
+    failed probe here says so in one line instead.
+    """
+    client = server.client(max_attempts=1, read_timeout_s=15)
+    try:
+        client.put_object(Bucket="ready-check", Key="probe", Body=b"probe")
+        assert client.get_object(Bucket="ready-check", Key="probe")["Body"].read() == b"probe"
+        client.delete_object(Bucket="ready-check", Key="probe")
+    except Exception as error:
+        free_mib = shutil.disk_usage(server.data_dir).free // 2**20
+        server.stop()
+        raise RuntimeError(
+            f"SeaweedFS S3 refuses writes ({type(error).__name__}) with {free_mib} MiB free under "
+            f"{server.data_dir} (it needs more than {MIN_FREE_SPACE})"
+        ) from error
