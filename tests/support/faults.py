@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -218,7 +219,7 @@ class ProcessKiller:
 
 
 class MountUnavailable(RuntimeError):
-    """This machine (or user) cannot mount a tmpfs."""
+    """This machine (or user) cannot mount a file system (tmpfs, loop device)."""
 
 
 @dataclass(frozen=True)
@@ -233,16 +234,41 @@ class Tmpfs:
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Tmpfs]:
     """Mount a tmpfs of ``size`` (e.g. ``"340k"``) at ``path`` for the block; raises MountUnavailable."""
+    with _mounted(["-t", "tmpfs", "-o", f"size={size}", "tmpfs"], path):
+        yield Tmpfs(path)
+
+
+@contextlib.contextmanager
+def nearly_full_disk(path: Path, size: str, free_bytes: int) -> Iterator[Path]:
+    """Mount an ext4 file system of ``size`` at ``path`` with about ``free_bytes`` left free.
+
+    Unlike a tmpfs, filling it costs neither memory nor disk: the image is a sparse file and the filler is
+    an fallocate'd file (ext4 reserves its blocks without writing them). Raises MountUnavailable.
+    """
+    image = path.with_name(path.name + ".img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    made = subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise MountUnavailable(made.stderr.strip() or "mkfs.ext4 failed")
+    try:
+        with _mounted(["-o", "loop", str(image)], path):
+            fill = shutil.disk_usage(path).free - free_bytes
+            subprocess.run(["fallocate", "-l", str(fill), str(path / "fill")], check=True)
+            yield path
+    finally:
+        image.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _mounted(mount_args: list[str], path: Path) -> Iterator[None]:
     path.mkdir(parents=True, exist_ok=True)
     try:
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-        )
+        result = subprocess.run(["mount", *mount_args, str(path)], capture_output=True, text=True)
     except FileNotFoundError as exc:
         raise MountUnavailable("no mount command") from exc
     if result.returncode != 0:
         raise MountUnavailable(result.stderr.strip() or f"mount exited {result.returncode}")
     try:
-        yield Tmpfs(path)
+        yield
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
