@@ -2,8 +2,8 @@
 # Install the project with its test extras and run the whole test suite (CPU only; GPU tests skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The suite needs about 22 GB free at its peak (this .venv, the fresh clone's .venv of the README test and the
-# shared vLLM venv, 7-8 GB each); a CI log that shows the free space up front explains a failure for lack of it.
+# The suite needs about 15 GB free at its peak: this .venv (7.1 GB) and either the README test's fresh clone .venv
+# (removed when it ends) or the shared vLLM venv (7.5 GB); a log that shows the free space up front explains a failure.
 echo "setup: free disk: $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') under ${TMPDIR:-/tmp}," \
   "$(df -h --output=avail "$HOME" | tail -1 | tr -d ' ') under $HOME" >&2
 bash scripts/setup.sh test,models
