@@ -227,11 +227,24 @@ def split_into_shards(rows: dict[str, np.ndarray], prefix: str, shards_per_wave:
 
 def fresh_run_drops(root, shards: dict[str, dict]) -> list[dict]:
     """The drop rows of a stage-by-stage dedup of ``shards`` committed into a new run at ``root``."""
-    layout = RunLayout(Storage(str(root)))
-    for shard_id, part in shards.items():
-        commit_crawl_shard(layout, shard_id, part)
+    layout = run_with(root, shards)
     run_dedup(layout, K, wave_shards=2)
     return drop_rows(layout)
+
+
+def run_with(root, shards: dict[str, dict], shard_ids=None) -> RunLayout:
+    """A new run at ``root`` with the crawl shards ``shard_ids`` (all by default) of ``shards`` committed."""
+    layout = RunLayout(Storage(str(root)))
+    for shard_id in shards if shard_ids is None else shard_ids:
+        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    return layout
+
+
+def sharded_waves(num_rows: int, num_waves: int, seed: int):
+    """``wave_rows`` split two crawl shards per wave: (rows, shards, sorted shard ids)."""
+    rows = wave_rows(num_rows, num_waves=num_waves, seed=seed)
+    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
+    return rows, shards, sorted(shards)
 
 
 def drop_rows(layout: RunLayout) -> list[dict]:
@@ -257,9 +270,7 @@ def wave_data():
 
 def test_run_dedup_decides_by_waves_and_reuses_them(tmp_path, wave_data):
     rows, shards = wave_data
-    layout = RunLayout(Storage(str(tmp_path / "run")))
-    for shard_id, part in shards.items():
-        commit_crawl_shard(layout, shard_id, part)
+    layout = run_with(tmp_path / "run", shards)
     first = run_dedup(layout, K, wave_shards=2)
     num_rows = rows["phash"].size
     assert (first.waves_computed, first.waves_reused, first.rows_read) == (4, 0, num_rows)
@@ -288,9 +299,7 @@ def test_run_dedup_decides_by_waves_and_reuses_them(tmp_path, wave_data):
     assert rerun.rows_read == sum(p["phash"].size for s, p in changed.items() if wave_key(s, 2)[1] >= 2)
     for key in ("crawl/_dedup/waves/0a1b2c3d-000000.parquet", "crawl/_dedup/waves/0a1b2c3d-000001.parquet"):
         assert layout.storage.read_bytes(key) == before[key][1]
-    fresh = RunLayout(Storage(str(tmp_path / "fresh")))
-    for shard_id, part in changed.items():
-        commit_crawl_shard(fresh, shard_id, part)
+    fresh = run_with(tmp_path / "fresh", changed)
     from_scratch = run_dedup(fresh, K, wave_shards=2)
     assert drop_rows(layout) == drop_rows(fresh)
     assert (rerun.kept, rerun.dropped_exact, rerun.dropped_near) == (
@@ -310,9 +319,7 @@ def test_run_dedup_decides_by_waves_and_reuses_them(tmp_path, wave_data):
 
 def test_a_source_added_later_is_decided_against_the_old_waves(tmp_path, wave_data):
     rows, shards = wave_data
-    layout = RunLayout(Storage(str(tmp_path / "run")))
-    for shard_id, part in shards.items():
-        commit_crawl_shard(layout, shard_id, part)
+    layout = run_with(tmp_path / "run", shards)
     run_dedup(layout, K, wave_shards=2)
     old_drops = drop_rows(layout)
     old_files = {o.key: layout.storage.read_bytes(o.key) for o in layout.storage.list(WAVES_PREFIX)}
@@ -392,9 +399,7 @@ def test_increments_rebuild_the_decided_waves_from_their_links_and_match_a_fresh
     """Shards arrive in three increments; each run_dedup rebuilds the earlier waves from the links
     file (no pair search over them) and decides only the new waves. A links file that does not fit
     (unreadable, or of another chain) is ignored and everything recomputed, with the same result."""
-    rows = wave_rows(4000, num_waves=6, seed=33)
-    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
-    ids = sorted(shards)
+    rows, shards, ids = sharded_waves(4000, num_waves=6, seed=33)
     layout = RunLayout(Storage(str(tmp_path / "run")))
     outcomes = []
     for part in (ids[:4], ids[4:9], ids[9:]):  # the second increment also completes wave 2
@@ -422,12 +427,8 @@ def test_a_restarted_streaming_gate_rebuilds_decided_waves_from_their_links(tmp_
     """run_dedup decided waves 0-1 (and wrote their links); more shards commit and a new gate
     process decides waves 2-3 one by one: it rebuilds 0-1 from the links, and its drops equal a
     stage-by-stage run over all shards."""
-    rows = wave_rows(3000, num_waves=4, seed=44)
-    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
-    ids = sorted(shards)
-    layout = RunLayout(Storage(str(tmp_path / "run")))
-    for shard_id in ids[:4]:
-        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    rows, shards, ids = sharded_waves(3000, num_waves=4, seed=44)
+    layout = run_with(tmp_path / "run", shards, ids[:4])
     run_dedup(layout, K, wave_shards=2)
     for shard_id in ids[4:]:
         commit_crawl_shard(layout, shard_id, shards[shard_id])
@@ -446,12 +447,8 @@ def test_links_persisted_by_the_streaming_gate_serve_the_next_increment(tmp_path
     """The gate decides waves 0-2 and persists their links at the end of its run; one more wave of
     shards commits and run_dedup rebuilds 0-2 from the links instead of searching their pairs, with
     the drops of a fresh stage-by-stage run."""
-    rows = wave_rows(3000, num_waves=4, seed=55)
-    shards = split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
-    ids = sorted(shards)
-    layout = RunLayout(Storage(str(tmp_path / "run")))
-    for shard_id in ids[:6]:
-        commit_crawl_shard(layout, shard_id, shards[shard_id])
+    _, shards, ids = sharded_waves(3000, num_waves=4, seed=55)
+    layout = run_with(tmp_path / "run", shards, ids[:6])
     gate = WaveDedup(layout, K, wave_shards=2)
     gate.persist_links()  # nothing decided yet: nothing written
     assert not layout.storage.exists("crawl/_dedup/links.parquet")
