@@ -264,8 +264,8 @@ def expected_drops(rows: dict[str, np.ndarray], shards: dict[str, dict]) -> set[
 
 @pytest.fixture(scope="module")
 def wave_data():
-    rows = wave_rows(3000, num_waves=4, seed=21)
-    return rows, split_into_shards(rows, "0a1b2c3d", shards_per_wave=2)
+    rows, shards, _ = sharded_waves(3000, num_waves=4, seed=21)
+    return rows, shards
 
 
 def test_run_dedup_decides_by_waves_and_reuses_them(tmp_path, wave_data):

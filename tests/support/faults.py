@@ -246,11 +246,14 @@ def nearly_full_disk(path: Path, size: str, free_bytes: int) -> Iterator[Path]:
     an fallocate'd file (ext4 reserves its blocks without writing them). Raises MountUnavailable.
     """
     image = path.with_name(path.name + ".img")
-    subprocess.run(["truncate", "-s", size, str(image)], check=True)
-    made = subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], capture_output=True, text=True)
-    if made.returncode != 0:
-        raise MountUnavailable(made.stderr.strip() or "mkfs.ext4 failed")
     try:
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
+        try:
+            made = subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], capture_output=True, text=True)
+        except FileNotFoundError as exc:  # no e2fsprogs: like no mount command, the machine cannot do it
+            raise MountUnavailable("no mkfs.ext4 command") from exc
+        if made.returncode != 0:
+            raise MountUnavailable(made.stderr.strip() or "mkfs.ext4 failed")
         with _mounted(["-o", "loop", str(image)], path):
             fill = shutil.disk_usage(path).free - free_bytes
             subprocess.run(["fallocate", "-l", str(fill), str(path / "fill")], check=True)
