@@ -13,8 +13,9 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,36 +40,78 @@ from tests.support.corpus_run import run_config
 from tests.support.pdfs import text_pdf
 
 SHARD_SIZE = 2
-# Every image response waits this long, so the crawl of the Ray test takes several seconds per round of
-# shards and the overlap of later stages with the crawl shows even on a loaded machine.
-RESPONSE_DELAY_S = 0.7
+# A held request is answered after this long at the latest; the tests that hold raise the crawl's timeouts
+# above it (HOLD_TIMEOUTS), so that a held request is slow, never failed.
+HOLD_DEADLINE_S = 120.0
+HOLD_TIMEOUTS = ("crawl.http.read_timeout_s=180", "crawl.http.total_timeout_s=240")
 
 
-class _SlowHandler(SimpleHTTPRequestHandler):
+@dataclass
+class Hold:
+    """Requests for ``paths`` (relative to the site root) wait until ``released()`` is true.
+
+    Tests that assert an ordering of the run (segment working while the crawl is not finished) hold the
+    crawl's last images until the event they assert has happened, instead of slowing every response and
+    hoping the machine is fast enough: the ordering then follows from the code, not from timing. When the
+    event never comes (a regression), the request is answered after ``HOLD_DEADLINE_S`` and the test fails.
+    """
+
+    paths: frozenset[str]
+    released: Callable[[], bool]
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + HOLD_DEADLINE_S
+        while not self.released() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class _HoldingHandler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:
-        time.sleep(RESPONSE_DELAY_S)
+        hold = self.server.hold
+        if hold is not None and self.path.lstrip("/") in hold.paths:
+            hold.wait()
         super().do_GET()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
 
 
+@dataclass
+class Site:
+    lists: list[str]  # the two URL list files
+    base_url: str
+    server: ThreadingHTTPServer
+
+    @contextmanager
+    def holding(self, paths: Iterable[str], released: Callable[[], bool]) -> Iterator[None]:
+        self.server.hold = Hold(frozenset(paths), released)
+        try:
+            yield
+        finally:
+            self.server.hold = None
+
+    def last_paths(self) -> list[str]:
+        """The last image path of each list: one of them is in the last crawl shard of the run."""
+        return [Path(lst).read_text().split()[-1].removeprefix(f"{self.base_url}/") for lst in self.lists]
+
+
 @contextmanager
-def _serve_slowly(root: Path) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_SlowHandler, directory=str(root)))
+def _serve(root: Path) -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_HoldingHandler, directory=str(root)))
+    server.hold = None
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """``(url lists, base url)`` of a loopback site with planted cross-wave duplicates."""
+def site(tmp_path_factory) -> Iterator[Site]:
+    """A loopback site with planted cross-wave duplicates and two URL lists of it."""
     root = tmp_path_factory.mktemp("pipelined-site")
     scenes = write_scenes(root / "img", 8, size=(1200, 900))
     first = Image.open(scenes[0])
@@ -76,7 +119,8 @@ def site(tmp_path_factory):
     shutil.copy(scenes[0], root / "img" / "copy-of-0.jpg")
     first.resize((1080, 810)).save(root / "img" / "smaller-0.jpg", quality=92)
     Image.open(scenes[1]).resize((1600, 1200)).save(root / "img" / "larger-1.jpg", quality=92)
-    with _serve_slowly(root) as base_url:
+    with _serve(root) as server:
+        base_url = f"http://127.0.0.1:{server.server_address[1]}"
         lists = []
         # List a: scenes 0-5, then (later waves) the larger copy of scene 1 and both copies of scene 0.
         later = ["img/larger-1.jpg", "img/copy-of-0.jpg", "img/smaller-0.jpg"]
@@ -87,7 +131,7 @@ def site(tmp_path_factory):
         for name, paths in (("a.txt", a), ("b.txt", b)):
             (root / name).write_text("".join(f"{base_url}/{p}\n" for p in paths))
             lists.append(str(root / name))
-        yield lists, base_url
+        yield Site(lists, base_url, server)
 
 
 def _config(run_root: Path, lists: list[str], captioner: Path, *extra: str):
@@ -109,7 +153,7 @@ def _drops(run_root: Path) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def stage_by_stage(site, tiny_captioner, tmp_path_factory):
-    lists, _ = site
+    lists = site.lists
     root = tmp_path_factory.mktemp("by-stage") / "run"
     results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "executor.pipelined=false"))
     assert all(not r.failed_shards for r in results)
@@ -117,7 +161,7 @@ def stage_by_stage(site, tiny_captioner, tmp_path_factory):
 
 
 def test_pipelined_in_process_equals_stage_by_stage(site, tiny_captioner, stage_by_stage, tmp_path):
-    lists, _ = site
+    lists = site.lists
     root = tmp_path / "run"
     results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local"))
     assert [r.stage for r in results] == ["crawl", "segment", "caption", "build-corpus"]
@@ -146,18 +190,21 @@ def test_pipelined_in_process_equals_stage_by_stage(site, tiny_captioner, stage_
 
 @pytest.mark.slow
 def test_pipelined_on_ray_streams_and_equals_stage_by_stage(site, tiny_captioner, stage_by_stage, tmp_path, ray_local):
-    lists, _ = site
+    lists = site.lists
     root = tmp_path / "run"
-    # One crawl worker: the crawl takes several rounds, so streaming shows as overlap.
-    results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=ray", "crawl.max_workers=1"))
-    assert all(not r.failed_shards for r in results)
-    assert _drops(root) == _drops(stage_by_stage)
-    assert _corpus(root) == _corpus(stage_by_stage)
 
-    # Streaming, not barriers: segment shards were committed before the last crawl shard was.
     def committed(stage: str) -> list[str]:
         return sorted(json.loads(p.read_text())["created_at"] for p in (root / stage / "_manifest").glob("*.json"))
 
+    # Streaming, not barriers: the last crawl shard's image is held until a segment shard is committed.
+    # With barriers, segment would wait for that shard: the hold runs out and the order assert below fails.
+    with site.holding(site.last_paths(), released=lambda: bool(committed("segment"))):
+        results = run_pipeline(
+            _config(root, lists, tiny_captioner, "executor.kind=ray", "crawl.max_workers=1", *HOLD_TIMEOUTS)
+        )
+    assert all(not r.failed_shards for r in results)
+    assert _drops(root) == _drops(stage_by_stage)
+    assert _corpus(root) == _corpus(stage_by_stage)
     assert committed("segment")[0] < committed("crawl")[-1]
     summary = json.loads((root / "summary.json").read_text())
     assert summary["stages"]["crawl"]["computed_shards"] == len(committed("crawl"))
@@ -213,7 +260,7 @@ def test_pipelined_without_dedup_builds_the_planners_tasks(site, tiny_captioner,
     Before, the gate passed every row on, so the pass after the chain found each such task different from
     its own and computed the shard a second time (summary: more shards computed than planned).
     """
-    lists, _ = site
+    lists = site.lists
     root = tmp_path / "run"
     shutil.copytree(stage_by_stage, root)
     results = run_pipeline(_config(root, lists, tiny_captioner, "executor.kind=local", "crawl.dedup=false"))
@@ -277,7 +324,7 @@ def test_run_over_a_pdf_source_without_pdfs_stops_before_any_stage(tmp_path, cap
 
 def test_pipelined_run_where_every_item_fails_ends_cleanly(site, tiny_captioner, tmp_path, capsys):
     """All 404s and pages that are not images: one error row per item, every stage ends, status --check OK."""
-    _, base_url = site
+    base_url = site.base_url
     urls = tmp_path / "all-fail.txt"
     paths = ("img/missing-0.jpg", "a.txt", "img/missing-1.jpg", "b.txt", "img/missing-2.jpg")
     urls.write_text("".join(f"{base_url}/{p}\n" for p in paths))
@@ -301,12 +348,13 @@ def test_pipelined_run_keeps_waiting_stages_alive_in_status(site, tiny_captioner
     """While the first dedup wave is crawled, segment, caption and corpus report nothing; their in-progress
     records must still be refreshed, or status calls a live run "interrupted" (records were rewritten only
     when a shard of their stage reported)."""
-    lists, _ = site
+    lists = site.lists
     monkeypatch.setattr(run_state, "HEARTBEAT_INTERVAL_S", 0.1)
     monkeypatch.setattr(run_state, "STALE_AFTER_S", 1.0)
     root = tmp_path / "run"
-    # List a: 9 slow images in 5 shards and one wave, so segment waits several seconds for its first shard.
-    config = run_config(Path(lists[0]), root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}")
+    # List a: 9 images in 5 shards and one wave; its last image is held until the watcher has seen segment
+    # wait longer than a record takes to go stale, so segment waits for its first shard that long.
+    config = run_config(Path(lists[0]), root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}", *HOLD_TIMEOUTS)
     seen: list[tuple[str, float]] = []
     done = threading.Event()
 
@@ -321,20 +369,24 @@ def test_pipelined_run_keeps_waiting_stages_alive_in_status(site, tiny_captioner
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+
+    def waited() -> list[str]:
+        return [state for state, age in list(seen) if age > 2 * run_state.STALE_AFTER_S]
+
     try:
-        assert all(not r.failed_shards for r in run_pipeline(config))
+        with site.holding(site.last_paths()[:1], released=lambda: bool(waited())):
+            assert all(not r.failed_shards for r in run_pipeline(config))
     finally:
         done.set()
         watcher.join()
-    waited = [state for state, age in seen if age > 2 * run_state.STALE_AFTER_S]
-    assert waited, seen  # the wave took long enough to tell a live record from a dead one
-    assert set(waited) == {"running"}, seen
+    assert waited(), seen  # the wave took long enough to tell a live record from a dead one
+    assert set(waited()) == {"running"}, seen
     assert not run_state.read_running(Storage(str(root)))  # every record is gone once the run ends
 
 
 def test_pipelined_run_with_documents_adds_pages_to_the_same_corpus(site, tiny_captioner, stage_by_stage, tmp_path):
     """``run --documents`` beside URL lists: the chain for the images, render for the PDFs, one corpus."""
-    lists, _ = site
+    lists = site.lists
     pdfs = tmp_path / "pdfs"
     pdfs.mkdir()
     for seed in range(2):
@@ -383,7 +435,7 @@ def test_pipelined_force_crawl_and_segment_recompute_and_keep_the_corpus(
     site, tiny_captioner, stage_by_stage, tmp_path
 ):
     """``run --force segment`` / ``--force crawl`` after a finished run: every shard from that stage on."""
-    lists, _ = site
+    lists = site.lists
     root = tmp_path / "run"
     shutil.copytree(stage_by_stage, root)
     config = _config(root, lists, tiny_captioner)
@@ -403,7 +455,7 @@ def test_pipelined_run_stopped_by_ctrl_c_is_interrupted_at_once_and_a_rerun_fini
 ):
     """Ctrl-C in the chain: status says "interrupted" right away (before: "running" until the heartbeat
     went stale, 3 minutes), and the rerun finishes every stage with every item accounted for."""
-    lists, _ = site
+    lists = site.lists
     root = tmp_path / "run"
     config = run_config(
         Path(lists[1]), root, tiny_captioner, f"crawl.shard_size={SHARD_SIZE}", "crawl.dedup_wave_shards=1"
